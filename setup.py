@@ -1,0 +1,58 @@
+"""lcl-fast: a fast, memory-lean implementation of Latent Compression Learning (LCL)."""
+
+from setuptools import setup
+
+TEST_DEPS = [
+    "pytest>=7",
+    "pytest-benchmark>=4",
+    "pytest-timeout>=2",
+    "ruff",
+    "pillow",
+    "matplotlib",
+    "tensorboard",
+]
+
+setup(
+    name="lcl-fast",
+    version="0.1.0",
+    description=(
+        "Latent Compression Learning (vision pre-training on interleaved image-text data): "
+        "the reference's mathematics with Triton kernels, a fraction of the memory"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # `kernels/` lives at the top level of the repository but installs as `lcl_fast.kernels`:
+    # a top-level `kernels` module would collide with an unrelated PyPI package.
+    packages=[
+        "lcl_fast",
+        "lcl_fast.ops",
+        "lcl_fast.nn",
+        "lcl_fast.data",
+        "lcl_fast.model_configs",
+        "lcl_fast.kernels",
+    ],
+    package_dir={"lcl_fast.kernels": "kernels"},
+    package_data={
+        "lcl_fast.model_configs": ["*.json"],
+        "lcl_fast.data": ["*.txt.gz", "LICENSE*"],
+    },
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "triton>=3.6,<3.10; platform_system=='Linux'",
+        "numpy",
+        "packaging",
+        "ftfy",
+        "regex",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda120"],
+        "flash": ["flash-attn"],
+        "xformers": ["xformers"],
+        "dev": TEST_DEPS,
+    },
+    entry_points={"console_scripts": ["lcl-fast-train=lcl_fast.train:main"]},
+)
