@@ -1,0 +1,223 @@
+"""The LCL model: a drop-in for the reference's ``open_clip.lcl_model.LCL``.
+
+Same constructor arguments, same ``forward(images, text)`` output dict, same state-dict keys.
+lcl-fast adds keyword-only options: ``impl`` (attention implementation), ``fused_generation_loss``
+(hand the loss the selected hidden states and the LM-head weight instead of full logits), and
+``image_bidirectional`` (image latents attend to each other in both directions; off by default
+because the reference is plain causal). ``forward`` also takes ``doc_ids``/``position_ids`` for
+packed rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import config as C
+from .nn.towers import AttentivePoolingProjection, TextTower, VisionTower
+from .nn.transformer import LayerNorm
+
+
+class LCL(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int,
+        vision_cfg: Any,
+        text_cfg: Any,
+        pool_project_cfg: Any,
+        special_token_ids: Optional[dict] = None,
+        quick_gelu: bool = False,
+        init_logit_scale: float = math.log(1 / 0.07),
+        init_logit_bias: Optional[float] = None,
+        cast_dtype: Optional[torch.dtype] = None,
+        *,
+        impl: str = "auto",
+        fused_generation_loss: bool = False,
+        image_bidirectional: bool = False,
+    ):
+        super().__init__()
+        vcfg, tcfg, pcfg = C.vision_cfg(vision_cfg), C.text_cfg(text_cfg), C.pool_project_cfg(pool_project_cfg)
+        ids = C.special_token_ids(special_token_ids or {})
+        if pcfg.input_dim != vcfg.width:
+            raise ValueError(f"pool_project_cfg.input_dim {pcfg.input_dim} != vision width {vcfg.width}")
+        if pcfg.output_dim != tcfg.width:
+            raise ValueError(f"pool_project_cfg.output_dim {pcfg.output_dim} != text width {tcfg.width}")
+        bad = {k: v for k, v in ids.items() if not 0 <= v < tcfg.vocab_size}
+        if bad:
+            raise ValueError(f"special token ids {bad} are outside the vocabulary of size {tcfg.vocab_size}")
+        self.embed_dim = embed_dim
+        self.vision_cfg, self.text_cfg, self.pool_project_cfg = vcfg, tcfg, pcfg
+        self.special_token_ids = ids
+        self.impl = impl
+        self.fused_generation_loss = fused_generation_loss
+        self.image_bidirectional = image_bidirectional
+        fp32_norm = cast_dtype in (torch.float16, torch.bfloat16)
+        self.cast_dtype = cast_dtype
+
+        self.visual = VisionTower(vcfg, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl)
+        self.text = TextTower(tcfg, embed_dim, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl)
+        self.pool_project = AttentivePoolingProjection(pcfg, fp32_norm=fp32_norm)
+        self.lm_head = nn.Sequential(LayerNorm(tcfg.width, fp32=fp32_norm), nn.Linear(tcfg.width, tcfg.vocab_size, bias=False))
+
+        self.pad_id = 0  # the reference treats id 0 as padding in the generation labels
+        self.sot_id = ids["<start_of_text>"]
+        self.eot_id = ids["<end_of_text>"]
+        self.img_id = ids["<img_placehold>"]
+        self.soi_id = ids["<start_of_img>"]
+        self.eoi_id = ids["<end_of_img>"]
+        self.num_img_token = vcfg.grid**2
+
+        self.logit_scale = nn.Parameter(torch.ones([]) * init_logit_scale)
+        self.logit_bias = nn.Parameter(torch.ones([]) * init_logit_bias) if init_logit_bias is not None else None
+
+    # ------------------------------------------------------------------ options
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.transformer.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------ checks
+    def _check_images(self, images: torch.Tensor) -> None:
+        size = self.vision_cfg.image_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != size or images.shape[3] != size:
+            raise ValueError(
+                f"images must be [n_images, 3, {size}, {size}] for this config, got {list(images.shape)}"
+            )
+
+    def _check_text(self, text: torch.Tensor, n_images: int) -> None:
+        if text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"text must be an integer tensor [batch, length], got {text.dtype} {list(text.shape)}")
+        if text.shape[1] > self.text.context_length:
+            raise ValueError(f"text length {text.shape[1]} exceeds context_length {self.text.context_length}")
+        if text.numel():
+            lo, hi = int(text.min()), int(text.max())
+            if lo < 0 or hi >= self.text.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.text.vocab_size}), got min {lo} max {hi}")
+        n_placeholders = int((text == self.img_id).sum())
+        if n_placeholders != n_images * self.num_img_token:
+            raise ValueError(
+                f"text has {n_placeholders} <img_placehold> tokens but {n_images} images × "
+                f"{self.num_img_token} image tokens = {n_images * self.num_img_token}"
+            )
+
+    # ------------------------------------------------------------------ encoders
+    def _encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images → (pooled ``[N, E]``, image token embeddings ``[N, grid², E]``)."""
+        self._check_images(images)
+        return self.pool_project(self.visual(images))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        pooled, _ = self._encode_image(images)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def _text_dtype(self) -> torch.dtype:
+        return self.cast_dtype or self.text.token_embedding.weight.dtype
+
+    def _run_text(
+        self,
+        embs: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        image_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        pos = self.text.positional_embedding.to(embs.dtype)
+        x = embs + (pos[: embs.shape[1]] if position_ids is None else pos[position_ids])
+        return self.text.transformer(x, doc_ids=doc_ids, image_ids=image_ids)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text features at ``<start_of_img>`` (``<end_of_text>`` is turned into one, as the reference does).
+
+        Unlike the reference, ``text`` is not modified in place.
+        """
+        self._check_text(text, 0)
+        text = torch.where(text == self.eot_id, torch.full_like(text, self.soi_id), text)
+        x = self._run_text(self.text.token_embedding(text).to(self._text_dtype()))
+        feats = self.text.project(x[text == self.soi_id])
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    # ------------------------------------------------------------------ the interleaved pass
+    def interleaved_embeddings(self, image_embs: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image token embeddings spliced in at the placeholders (row-major)."""
+        img_mask = text == self.img_id
+        embs = self.text.token_embedding(text.masked_fill(img_mask, 0)).to(self._text_dtype())
+        return embs.masked_scatter(img_mask.unsqueeze(-1), image_embs.to(embs.dtype))
+
+    def image_ids(self, text: torch.Tensor) -> torch.Tensor:
+        """Per-token image index (-1 for text) for bidirectional attention inside image blocks."""
+        img_mask = text == self.img_id
+        starts = img_mask & ~F.pad(img_mask[:, :-1], (1, 0), value=False)
+        run = torch.cumsum(starts.flatten(), 0).view_as(text) - 1
+        return torch.where(img_mask, run, torch.full_like(run, -1))
+
+    def contrastive_features(
+        self, pooled: torch.Tensor, hidden: torch.Tensor, text: torch.Tensor, position_ids: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = position_ids if position_ids is not None else torch.arange(text.shape[1], device=text.device)
+        soi = text == self.soi_id
+        has_context = (positions > 0).expand_as(text)
+        text_feats = self.text.project(hidden[soi & has_context])
+        # Images are in row-major order of their <start_of_img>; those opening a document have no context.
+        image_feats = pooled[has_context[soi]]
+        if image_feats.shape[0] != text_feats.shape[0]:
+            raise ValueError(
+                f"{image_feats.shape[0]} images with context but {text_feats.shape[0]} <start_of_img> "
+                "tokens with context: every image needs one <start_of_img>"
+            )
+        # Normalised in float32 as the reference does, then back to the working dtype.
+        text_feats = F.normalize(text_feats.float(), dim=-1).to(text_feats.dtype)
+        image_feats = F.normalize(image_feats.float(), dim=-1).to(image_feats.dtype)
+        return image_feats, text_feats
+
+    def generation_targets(
+        self, hidden: torch.Tensor, text: torch.Tensor, doc_ids: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states that predict a label ``[T, W]``, their labels ``[T]``): the reference's selection."""
+        nxt = text[:, 1:]
+        mask = (nxt != self.img_id) & (nxt != self.eoi_id) & (nxt != self.pad_id)
+        if doc_ids is not None:  # packed rows: no prediction across a document boundary
+            mask &= doc_ids[:, 1:] == doc_ids[:, :-1]
+        return hidden[:, :-1][mask], nxt[mask]
+
+    def forward(
+        self,
+        image: Optional[torch.Tensor] = None,
+        text: Optional[torch.Tensor] = None,
+        *,
+        doc_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> dict:
+        if image is None:
+            raise ValueError("LCL.forward needs images (use encode_text for text-only features)")
+        pooled, image_embs = self._encode_image(image)
+        if text is None:
+            return {"image_features": F.normalize(pooled, dim=-1), "image_embs": image_embs}
+        self._check_text(text, image.shape[0])
+        n_soi = int((text == self.soi_id).sum())
+        if n_soi != image.shape[0]:
+            raise ValueError(f"text has {n_soi} <start_of_img> tokens but {image.shape[0]} images were given")
+        for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
+            if t is not None and t.shape != text.shape:
+                raise ValueError(f"{name} shape {list(t.shape)} != text shape {list(text.shape)}")
+
+        embs = self.interleaved_embeddings(image_embs, text)
+        image_ids = self.image_ids(text) if self.image_bidirectional else None
+        hidden = self._run_text(embs, position_ids, doc_ids, image_ids)
+
+        image_features, text_features = self.contrastive_features(pooled, hidden, text, position_ids)
+        gen_hidden, labels = self.generation_targets(hidden, text, doc_ids)
+        out = {
+            "image_features": image_features,
+            "text_features": text_features,
+            "labels": labels,
+            "logit_scale": self.logit_scale.exp(),
+        }
+        if self.fused_generation_loss:
+            out["logits"] = None
+            out["hidden"] = self.lm_head[0](gen_hidden)
+            out["lm_head_weight"] = self.lm_head[1].weight
+        else:
+            out["logits"] = self.lm_head(gen_hidden)
+        return out

@@ -1,0 +1,125 @@
+"""The three parts of LCL with the reference's parameter names: ViT, attentive pooler, causal text model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import PoolProjectCfg, TextCfg, VisionCfg
+from .transformer import LayerNorm, Transformer
+
+
+class VisionTower(nn.Module):
+    """open_clip's ViT as LCL uses it: every patch token after ``ln_post``, class token dropped, no ``proj``."""
+
+    def __init__(self, cfg: VisionCfg, *, quick_gelu: bool = False, fp32_norm: bool = False, impl: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        width, grid = cfg.width, cfg.grid
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width, fp32=fp32_norm)
+        self.transformer = Transformer(
+            width, cfg.layers, cfg.heads, causal=False, mlp_ratio=cfg.mlp_ratio,
+            ls_init_value=cfg.ls_init_value, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl,
+        )
+        self.ln_post = LayerNorm(width, fp32=fp32_norm)
+        self.transformer.init_parameters()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` → patch tokens ``[N, grid², width]``."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x)[:, 1:]
+
+
+class CrossAttention(nn.Module):
+    """The pooler's attention: separate q/k/v maps without Linear bias, plus ``q_bias``/``k_bias``/``v_bias``."""
+
+    def __init__(self, dim: int, out_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (out_dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, out_dim, bias=False)
+        self.k = nn.Linear(dim, out_dim, bias=False)
+        self.v = nn.Linear(dim, out_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(out_dim))
+        self.k_bias = nn.Parameter(torch.zeros(out_dim))
+        self.v_bias = nn.Parameter(torch.zeros(out_dim))
+        self.proj = nn.Linear(out_dim, out_dim, bias=False)
+
+    def values(self, x_v: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x_v, self.v.weight, self.v_bias)
+
+    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``x_q [N, Q, dim]``, ``x_k [N, P, dim]``, ``v [N, P, out_dim]`` (already projected) → ``[N, Q, out_dim]``."""
+        n, nq, _ = x_q.shape
+        h = self.num_heads
+        q = nn.functional.linear(x_q, self.q.weight, self.q_bias).unflatten(-1, (h, -1)).transpose(1, 2)
+        k = nn.functional.linear(x_k, self.k.weight, self.k_bias).unflatten(-1, (h, -1)).transpose(1, 2)
+        v = v.unflatten(-1, (h, -1)).transpose(1, 2)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(n, nq, -1))
+
+
+class AttentiveBlock(nn.Module):
+    def __init__(self, dim: int, out_dim: int, num_heads: int, fp32_norm: bool = False):
+        super().__init__()
+        self.norm1_q = LayerNorm(dim, fp32=fp32_norm)
+        self.norm1_k = LayerNorm(dim, fp32=fp32_norm)
+        self.norm1_v = LayerNorm(dim, fp32=fp32_norm)
+        self.cross_attn = CrossAttention(dim, out_dim, num_heads)
+
+
+class AttentivePoolingProjection(nn.Module):
+    """One learned query pools the patches (contrastive feature); every patch is projected (causal-model input).
+
+    Both outputs share ``norm1_v``, ``v`` and ``proj``; the values are computed once for both.
+    """
+
+    def __init__(self, cfg: PoolProjectCfg, fp32_norm: bool = False):
+        super().__init__()
+        self.query_token = nn.Parameter(torch.randn(1, 1, cfg.input_dim))
+        self.pooler = AttentiveBlock(cfg.input_dim, cfg.output_dim, cfg.attn_num_heads, fp32_norm=fp32_norm)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [N, P, input_dim]`` → (pooled ``[N, output_dim]``, tokens ``[N, P, output_dim]``)."""
+        p = self.pooler
+        v = p.cross_attn.values(p.norm1_v(x))
+        query = p.norm1_q(self.query_token.expand(x.shape[0], -1, -1))
+        pooled = p.cross_attn(query, p.norm1_k(x), v).squeeze(1)
+        tokens = p.cross_attn.proj(v)
+        return pooled, tokens
+
+
+class TextTower(nn.Module):
+    """open_clip's text transformer used as LCL's causal model over interleaved sequences."""
+
+    def __init__(
+        self, cfg: TextCfg, embed_dim: int, *, quick_gelu: bool = False, fp32_norm: bool = False, impl: str = "auto"
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.width = cfg.width
+        self.context_length = cfg.context_length
+        self.vocab_size = cfg.vocab_size
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(
+            cfg.width, cfg.layers, cfg.heads, causal=True, mlp_ratio=cfg.mlp_ratio,
+            ls_init_value=cfg.ls_init_value, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl,
+        )
+        self.ln_final = LayerNorm(cfg.width, fp32=fp32_norm)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+        self.transformer.init_parameters()
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """``ln_final(h) @ text_projection``: the text feature at a ``<start_of_img>`` position."""
+        return self.ln_final(h) @ self.text_projection
