@@ -22,7 +22,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # `kernels/` lives at the top level of the repository but installs as `lcl_fast.kernels`:
     # a top-level `kernels` module would collide with an unrelated PyPI package.
     packages=[
