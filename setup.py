@@ -8,6 +8,7 @@ TEST_DEPS = [
     "pytest-timeout>=2",
     "ruff",
     "pillow",
+    "pyarrow",
     "matplotlib",
     "tensorboard",
 ]
@@ -47,9 +48,11 @@ setup(
         "regex",
         "tqdm",
         "pillow",
+        "braceexpand",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
+        "obelics": ["pyarrow"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "dev": TEST_DEPS,

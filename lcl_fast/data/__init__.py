@@ -1,0 +1,13 @@
+"""Data: tokenizer, sequence builders, shard readers, image decoding (DALI or PIL), the loader.
+
+- :func:`build_train_loader`: streaming, sharded, resumable training batches (see :mod:`.loader`);
+- :func:`build_eval_pairs`: held-out image–caption pairs for retrieval;
+- :func:`decode_batch`: the image path on its own (benchmarks);
+- :mod:`.synthetic`: the built-in corpus (``ensure_corpus``).
+"""
+
+from .decode import decode_batch
+from .loader import TrainLoader, build_eval_pairs, build_train_loader
+from .tokenizer import get_tokenizer
+
+__all__ = ["TrainLoader", "build_eval_pairs", "build_train_loader", "decode_batch", "get_tokenizer"]

@@ -1,0 +1,109 @@
+"""Shard lists and per-shard index files.
+
+``expand_shards(spec, dataset_type)`` turns ``--train-data`` into a list of shard paths, as
+open_clip does: a folder (every shard file in it), a brace pattern
+(``shard-{000000..000009}.tar``, expanded with ``braceexpand``) or several of those joined by
+``::``. The order is kept (folders sorted), so every rank sees the same list.
+
+Index files (``<shard>.lclidx``, JSON) hold what must be read once per shard: the byte ranges
+of a tar's members, the number of documents of a jsonl shard. They are written next to the
+shard, or under ``$LCL_FAST_CACHE/index`` when that folder is read-only, atomically (ranks may
+build the same index at once), and rebuilt when the shard's size or mtime changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import braceexpand
+
+INDEX_SUFFIX = ".lclidx"
+_EXTENSIONS = {
+    "webdataset": (".tar",),
+    "mmc4": (".jsonl.zip", ".jsonl"),
+    "obelics": (".parquet",),
+}
+
+
+def cache_root() -> Path:
+    """``$LCL_FAST_CACHE``, else ``~/.cache/lcl_fast``."""
+    env = os.environ.get("LCL_FAST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lcl_fast"
+
+
+def _folder_shards(folder: Path, dataset_type: str) -> list[str]:
+    if dataset_type == "mmc4" and (folder / "data").is_dir():
+        folder = folder / "data"  # the MMC4 layout: <root>/data/docs_shard_{i}_v2.jsonl.zip
+    exts = _EXTENSIONS[dataset_type]
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name.endswith(exts))
+
+
+def expand_shards(spec: str, dataset_type: str) -> list[str]:
+    """Shard paths of ``spec`` (folder, brace pattern, or ``::``-joined list of either)."""
+    if dataset_type not in _EXTENSIONS:
+        raise ValueError(f"dataset_type must be one of {sorted(_EXTENSIONS)}, got {dataset_type!r}")
+    if not spec:
+        raise ValueError(f"no shards given for dataset_type {dataset_type!r} (train_data is empty)")
+    shards: list[str] = []
+    for part in spec.split("::"):
+        part = os.path.expanduser(part.strip())
+        if not part:
+            continue
+        if os.path.isdir(part):
+            found = _folder_shards(Path(part), dataset_type)
+            if not found:
+                raise ValueError(
+                    f"folder {part} holds no {dataset_type} shards "
+                    f"(files ending in {_EXTENSIONS[dataset_type]})"
+                )
+            shards.extend(found)
+        else:
+            shards.extend(braceexpand.braceexpand(part))
+    if not shards:
+        raise ValueError(f"train_data {spec!r} names no shards")
+    return shards
+
+
+def _index_paths(shard: str) -> list[Path]:
+    digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:20]
+    return [Path(shard + INDEX_SUFFIX), cache_root() / "index" / f"{digest}{INDEX_SUFFIX}"]
+
+
+def _write_atomic(path: Path, payload: dict) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=INDEX_SUFFIX)
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, separators=(",", ":"))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
+
+
+def load_index(shard: str, kind: str, build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """The index of ``shard`` (``build(shard)`` when no valid one exists; then saved).
+
+    Raises ``OSError`` when the shard itself cannot be read.
+    """
+    st = os.stat(shard)
+    stamp = {"kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    candidates = _index_paths(shard)
+    for path in candidates:
+        try:
+            with open(path) as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(index, dict) and all(index.get(k) == v for k, v in stamp.items()):
+            return index
+    index = {**build(shard), **stamp}
+    for path in candidates:
+        if _write_atomic(path, index):
+            break
+    return index

@@ -1,0 +1,349 @@
+"""Sample streams: which samples a stream reads, in which order, and how they become batches.
+
+A rank runs ``streams_per_rank`` streams (one per data-loader worker); stream ``s`` of
+``n = world_size * streams_per_rank`` reads, in data epoch ``e``:
+
+- **shard mode** (at least ``n`` shards): the shards ``perm_e[s::n]`` of a seeded permutation
+  ``perm_e`` of the shard list, every sample of each;
+- **sample mode** (fewer shards than streams): every shard in ``perm_e`` order, keeping the
+  samples whose running index ``i`` satisfies ``i % n == s``.
+
+Inside a shard the samples are visited in a seeded order (shuffled blocks, shuffled within each
+block: a parquet row group is read once). Either way the streams of one data epoch partition the
+samples: each is read exactly once. A stream never ends: after its last shard it starts data
+epoch ``e + 1``. Its position is ``(data_epoch, shard_pos, offset)`` plus its skip counts, a few
+integers; every sample's randomness (image placement, crop windows) comes from a seed mixed from
+``(seed, data_epoch, shard, index)``, so a stream restarted from a position repeats itself exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .decode import prepare_image
+from .packing import Row, RowPacker, collate
+from .readers import open_shard
+from .sequences import (
+    MAX_IMAGES,
+    SIM_THRESHOLD,
+    InterleavedSequenceBuilder,
+    PairedSequenceBuilder,
+    select_mmc4_images,
+)
+from .skips import BadSample, SkipCounter
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    h = hashlib.blake2b(digest_size=8)
+    for v in values:
+        h.update(int(v).to_bytes(16, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+@dataclass
+class StreamConfig:
+    """Everything a stream needs; picklable, shipped to data-loader workers."""
+
+    dataset_type: str  # "webdataset" | "mmc4" | "obelics"
+    shards: list[str]
+    shard_sizes: Optional[list[int]]  # needed in sample mode only
+    tokenizer: Any
+    batch_size: int
+    context_length: int
+    num_img_token: int
+    image_size: int
+    img_first_prob: float = 0.5
+    pack: bool = False
+    world_size: int = 1
+    rank: int = 0
+    streams_per_rank: int = 1
+    seed: int = 0
+    backend: str = "pil"  # "pil": decode on the host; "dali": read headers, decode later
+    image_root: Optional[str] = None
+    shuffle: bool = True
+    sim_threshold: float = SIM_THRESHOLD
+    max_images: int = MAX_IMAGES
+
+    @property
+    def num_streams(self) -> int:
+        return self.world_size * self.streams_per_rank
+
+    @property
+    def sample_mode(self) -> bool:
+        return len(self.shards) < self.num_streams
+
+
+def new_position() -> dict[str, Any]:
+    return {"data_epoch": 0, "shard_pos": 0, "offset": 0, "skips": {}}
+
+
+class SampleStream:
+    """The raw samples of stream ``stream_id``, forever, from a restorable position."""
+
+    def __init__(self, cfg: StreamConfig, stream_id: int, position: Optional[dict[str, Any]] = None):
+        if not 0 <= stream_id < cfg.num_streams:
+            raise ValueError(f"stream_id {stream_id} outside [0, {cfg.num_streams})")
+        if cfg.sample_mode and cfg.shard_sizes is None:
+            raise ValueError("sample mode (fewer shards than streams) needs shard_sizes")
+        self.cfg = cfg
+        self.sid = stream_id
+        pos = position or new_position()
+        self.data_epoch, self.shard_pos, self.offset = pos["data_epoch"], pos["shard_pos"], pos["offset"]
+        self.skips = SkipCounter(pos.get("skips"))
+        self._plan: tuple[int, list[int]] = (-1, [])
+        self._open: tuple[Any, ...] = ()  # (data_epoch, shard_pos, reader, order)
+        # To fail loudly instead of spinning when a whole pass over the shards yields nothing.
+        self._whole_epoch = self.shard_pos == 0 and self.offset == 0
+        self._returned = 0
+
+    def position(self) -> dict[str, Any]:
+        return {
+            "data_epoch": self.data_epoch,
+            "shard_pos": self.shard_pos,
+            "offset": self.offset,
+            "skips": self.skips.snapshot(),
+        }
+
+    def plan(self, epoch: int) -> list[int]:
+        """Shard ids (into ``cfg.shards``) this stream reads in data epoch ``epoch``."""
+        if self._plan[0] != epoch:
+            order = list(range(len(self.cfg.shards)))
+            if self.cfg.shuffle:
+                random.Random(mix_seed(self.cfg.seed, epoch, 1)).shuffle(order)
+            mine = order if self.cfg.sample_mode else order[self.sid :: self.cfg.num_streams]
+            self._plan = (epoch, mine)
+        return self._plan[1]
+
+    def _sample_order(self, shard_id: int, reader: Any, plan: list[int]) -> list[int]:
+        cfg = self.cfg
+        rng = random.Random(mix_seed(cfg.seed, self.data_epoch, shard_id, 2))
+        blocks = list(reader.blocks)
+        if cfg.shuffle:
+            rng.shuffle(blocks)
+        order: list[int] = []
+        for start, count in blocks:
+            part = list(range(start, start + count))
+            if cfg.shuffle:
+                rng.shuffle(part)
+            order.extend(part)
+        if cfg.sample_mode:
+            base = sum(cfg.shard_sizes[s] for s in plan[: self.shard_pos])
+            n, sid = cfg.num_streams, self.sid
+            order = [i for p, i in enumerate(order) if (base + p) % n == sid]
+        return order
+
+    def _close(self) -> None:
+        if self._open:
+            self._open[2].close()
+        self._open = ()
+
+    def next(self) -> tuple[dict[str, Any], Any, int]:
+        """``(raw sample, its shard reader, its seed)``; bad samples are counted and passed over."""
+        cfg = self.cfg
+        while True:
+            plan = self.plan(self.data_epoch)
+            if self.shard_pos >= len(plan):
+                self._close()
+                if self._whole_epoch and self._returned == 0:
+                    raise RuntimeError(
+                        f"stream {self.sid}: a whole pass over its {len(plan)} shards "
+                        "gave no readable sample; "
+                        f"skipped: {self.skips.snapshot()}"
+                    )
+                self.data_epoch, self.shard_pos, self.offset = self.data_epoch + 1, 0, 0
+                self._whole_epoch, self._returned = True, 0
+                continue
+            if not self._open or self._open[:2] != (self.data_epoch, self.shard_pos):
+                self._close()
+                shard_id = plan[self.shard_pos]
+                try:
+                    reader = open_shard(cfg.dataset_type, cfg.shards[shard_id], cfg.image_root)
+                except BadSample as e:
+                    self.skips.bad(e)
+                    self.shard_pos, self.offset = self.shard_pos + 1, 0
+                    continue
+                self._open = (
+                    self.data_epoch,
+                    self.shard_pos,
+                    reader,
+                    self._sample_order(shard_id, reader, plan),
+                )
+            reader, order = self._open[2], self._open[3]
+            if self.offset >= len(order):
+                self._close()
+                self.shard_pos, self.offset = self.shard_pos + 1, 0
+                continue
+            index = order[self.offset]
+            self.offset += 1
+            try:
+                raw = reader.read(index)
+            except BadSample as e:
+                self.skips.bad(e)
+                continue
+            except Exception as e:  # web data finds every corner: never let one sample end the run
+                self.skips.add("error", f"{reader.path}: sample {index}: {type(e).__name__}: {e}")
+                continue
+            self._returned += 1
+            return raw, reader, mix_seed(cfg.seed, self.data_epoch, plan[self.shard_pos], index, 3)
+
+
+class RowMaker:
+    """Raw samples -> :class:`~lcl_fast.data.packing.Row` (tokens + prepared images), or None."""
+
+    def __init__(self, cfg: StreamConfig):
+        self.cfg = cfg
+        if cfg.dataset_type == "webdataset":
+            self.paired = PairedSequenceBuilder(
+                cfg.tokenizer, cfg.context_length, cfg.num_img_token, cfg.img_first_prob
+            )
+        else:
+            self.interleaved = InterleavedSequenceBuilder(
+                cfg.tokenizer, cfg.context_length, cfg.num_img_token, cfg.img_first_prob
+            )
+
+    def _image(self, data: bytes, seed: int, skips: SkipCounter, where: str):
+        try:
+            return prepare_image(data, self.cfg.image_size, True, seed, self.cfg.backend)
+        except ValueError as e:
+            skips.add("image_decode", f"{where}: {e}")
+            return None
+
+    def __call__(self, raw: dict[str, Any], reader: Any, seed: int, skips: SkipCounter) -> Optional[Row]:
+        rng = random.Random(seed)
+        kind = self.cfg.dataset_type
+        if kind == "webdataset":
+            tokens = self.paired(raw["caption"], rng)
+            image = self._image(raw["image"], rng.getrandbits(63), skips, f"{reader.path}: {raw['key']}")
+            return None if image is None else Row(tokens, [image])
+        if kind == "mmc4":
+            return self._mmc4(raw, reader, rng, skips)
+        return self._obelics(raw, reader, rng, skips)
+
+    def _load(self, reader: Any, ref: Any, rng: random.Random, skips: SkipCounter, where: str):
+        seed = rng.getrandbits(63)  # drawn whether or not the image loads: later draws stay put
+        try:
+            data = reader.read_image(ref)
+        except BadSample as e:
+            skips.bad(e)
+            return None
+        return self._image(data, seed, skips, where)
+
+    def _mmc4(self, raw, reader, rng, skips) -> Optional[Row]:
+        where = f"{reader.path}: doc {raw['key']}"
+        sentences = raw["text_list"]
+        chosen, malformed = select_mmc4_images(
+            raw["image_info"],
+            len(sentences),
+            rng,
+            sim_threshold=self.cfg.sim_threshold,
+            max_images=self.cfg.max_images,
+        )
+        for _ in range(malformed):
+            skips.add("image_info", f"{where}: malformed image_info entry")
+        loaded = [
+            (ix, img)
+            for ix, name in chosen
+            if (img := self._load(reader, name, rng, skips, f"{where}: {name}")) is not None
+        ]
+        if not loaded:
+            skips.add("doc_no_images", where)
+            return None
+        built = self.interleaved.from_sentences(
+            sentences, [ix for ix, _ in loaded], self.interleaved.placements(len(loaded), rng)
+        )
+        if built is None:
+            skips.add("doc_no_images", f"{where}: no image left after truncation")
+            return None
+        tokens, kept = built
+        return Row(tokens, [img for _, img in loaded[:kept]])
+
+    def _obelics(self, raw, reader, rng, skips) -> Optional[Row]:
+        where = f"{reader.path}: row {raw['key']}"
+        pieces: list[Optional[str]] = []
+        images = []
+        slots = 0
+        for text, ref in zip(raw["texts"], raw["images"]):
+            if ref is not None:
+                slots += 1
+                if slots > self.cfg.max_images:
+                    continue
+                img = self._load(reader, ref, rng, skips, where)
+                if img is not None:
+                    pieces.append(None)
+                    images.append(img)
+            elif isinstance(text, str):
+                pieces.append(text)
+        if not images:
+            skips.add("doc_no_images", where)
+            return None
+        built = self.interleaved.from_pieces(pieces)
+        if built is None:
+            skips.add("doc_no_images", f"{where}: no image left after truncation")
+            return None
+        tokens, kept = built
+        return Row(tokens, images[:kept])
+
+
+class BatchStream:
+    """Batches of one stream; each batch carries the stream position right after it."""
+
+    def __init__(self, cfg: StreamConfig, stream_id: int, position: Optional[dict[str, Any]] = None):
+        self.cfg = cfg
+        self.samples = SampleStream(cfg, stream_id, position)
+        self.make_row = RowMaker(cfg)
+        self._carry: Optional[Row] = None
+        pos = self.samples
+        self._whole_epoch, self._rows = pos.shard_pos == 0 and pos.offset == 0, 0
+
+    def _next_row(self) -> Row:
+        samples = self.samples
+        while True:
+            before = samples.data_epoch
+            raw, reader, seed = samples.next()
+            if samples.data_epoch != before:
+                if self._whole_epoch and self._rows == 0:
+                    raise RuntimeError(
+                        f"stream {samples.sid}: a whole pass over its shards gave no usable sample; "
+                        f"skipped: {samples.skips.snapshot()}"
+                    )
+                self._whole_epoch, self._rows = True, 0
+            try:
+                row = self.make_row(raw, reader, seed, samples.skips)
+            except Exception as e:  # as above: counted and logged (rate-limited), never fatal
+                samples.skips.add("error", f"{reader.path}: {raw.get('key')}: {type(e).__name__}: {e}")
+                row = None
+            if row is not None:
+                self._rows += 1
+                return row
+
+    def next_batch(self) -> dict[str, Any]:
+        cfg = self.cfg
+        packer = RowPacker(cfg.batch_size, cfg.context_length, cfg.pack)
+        if self._carry is not None:
+            packer.add(self._carry)
+            self._carry = None
+        while True:
+            before = self.samples.position()
+            row = self._next_row()
+            if not packer.add(row):
+                # The row opens the next batch; the position before it is where a restart resumes.
+                self._carry, position = row, before
+                break
+            if packer.full():
+                position = self.samples.position()
+                break
+        batch = collate(packer.take(), cfg.context_length, cfg.pack)
+        items = batch.pop("images")
+        if items and all(isinstance(it, np.ndarray) for it in items):
+            batch["images_u8"] = torch.from_numpy(np.stack(items))  # one shared-memory tensor from a worker
+        else:
+            batch["image_items"] = items
+        batch["position"] = position
+        return batch
