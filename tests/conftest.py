@@ -2,6 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter. Set before any kernel module is imported (kernels
+# are decorated at import time); spawned processes inherit it. With CUDA the kernels compile as usual.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(os.environ.get("LCL_GOLDEN_DIR", REPO.parent / "shared" / "golden"))

@@ -47,6 +47,8 @@ def run_model(golden: dict, dtype: torch.dtype, impl: str, fused: bool = False):
     loss_fn = lcl_fast.LCLLoss(
         generation_loss_weight=golden["generation_loss_weight"],
         contrastive_loss_weight=golden["contrastive_loss_weight"],
+        local_loss=True,  # the published training scripts' flags
+        gather_with_grad=True,
         impl=impl,
     )
     out = model(golden["images"].to(dtype), golden["text_ids"])
@@ -86,7 +88,7 @@ def test_bf16_autocast_runs(golden):
     model = lcl_fast.create_model(golden["config"], impl="torch")
     model.load_state_dict(golden["state_dict"])
     model = model.float()
-    loss_fn = lcl_fast.LCLLoss(1.0, 0.1)
+    loss_fn = lcl_fast.LCLLoss(1.0, 0.1, local_loss=True, gather_with_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(golden["images"].float(), golden["text_ids"])
         contrastive, generation = loss_fn(**out)

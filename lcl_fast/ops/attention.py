@@ -1,0 +1,310 @@
+"""Causal attention over interleaved image/text sequences, with packing and padding.
+
+``interleaved_attention(q, k, v, doc_ids=, image_ids=, causal=)`` computes softmax attention
+for ``q, k, v [B, H, L, D]`` under the mask given by per-token integer metadata:
+
+- ``doc_ids [B, L]`` (optional): query i sees key j only when both carry the same id; a
+  negative id is padding, seen by no one, and its own output is zero;
+- causal order (``causal=True``): key j <= query i;
+- ``image_ids [B, L]`` (optional, causal only): tokens with the same non-negative id (the
+  latents of one image) see each other in both directions; ``-1`` marks text.
+
+Three implementations (see :mod:`lcl_fast._impl`):
+
+- ``"triton"``: the fused kernel of :mod:`lcl_fast.kernels.attention`; reads the metadata in
+  the kernel, never builds an ``L x L`` mask, skips masked tiles and padding.
+- ``"torch"``: exact and memory-lean: one ``scaled_dot_product_attention`` per document
+  (plain causal inside it); the rows of an image are recomputed without the causal limit.
+  No ``L x L`` mask is built when images are contiguous runs (the normal case).
+- ``"reference"``: what the published code does: a dense additive float mask and one
+  ``scaled_dot_product_attention`` over the whole padded length.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lcl_fast._impl import resolve_impl
+
+__all__ = ["interleaved_attention", "dense_attention_mask"]
+
+
+def _check_inputs(q, k, v, doc_ids, image_ids) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, L, D], got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must have the same shape [B, H, L, D]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    batch, _, length, _ = q.shape
+    for name, ids in (("doc_ids", doc_ids), ("image_ids", image_ids)):
+        if ids is None:
+            continue
+        if tuple(ids.shape) != (batch, length):
+            raise ValueError(f"{name} must be [B, L] = [{batch}, {length}], got {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got {ids.dtype}")
+        if ids.device != q.device:
+            raise ValueError(f"{name} is on {ids.device} but q is on {q.device}")
+
+
+def dense_attention_mask(
+    length: int,
+    *,
+    doc_ids: Optional[torch.Tensor] = None,
+    image_ids: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    device=None,
+) -> torch.Tensor:
+    """The boolean visibility matrix ``[B or 1, L, L]`` (True: query i may see key j).
+
+    Quadratic in ``L``: for the reference path and for tests only.
+    """
+    if doc_ids is not None:
+        device = doc_ids.device
+    elif image_ids is not None:
+        device = image_ids.device
+    pos = torch.arange(length, device=device)
+    allowed = torch.ones(1, length, length, dtype=torch.bool, device=device)
+    if causal:
+        visible = (pos[None, :] <= pos[:, None])[None]
+        if image_ids is not None:
+            same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
+            visible = visible | same_image
+        allowed = allowed & visible
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
+    return allowed
+
+
+# ----------------------------------------------------------------------------- reference path
+
+
+def _reference_attention(q, k, v, doc_ids, image_ids, causal, scale):
+    """Dense additive ``-inf`` mask and one attention call, as the published code does."""
+    length = q.shape[2]
+    if doc_ids is None and image_ids is None:
+        if not causal:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # open_clip's text mask: a float [L, L] matrix, -inf above the diagonal
+        mask = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    allowed = dense_attention_mask(length, doc_ids=doc_ids, image_ids=image_ids, causal=causal, device=q.device)
+    pad = None
+    if doc_ids is not None:
+        pad = doc_ids < 0
+        # a padding row sees nothing; let it see itself so softmax stays finite, zero it below
+        allowed = allowed | (torch.diag_embed(pad) if pad.any() else False)
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    if pad is not None:
+        out = out.masked_fill(pad[:, None, :, None], 0.0)
+    return out
+
+
+# --------------------------------------------------------------------------------- torch path
+
+
+def _runs(values: list[int]) -> list[tuple[int, int, int]]:
+    """``(value, start, end)`` for each maximal run of equal values."""
+    runs = []
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append((values[start], start, i))
+            start = i
+    return runs
+
+
+def _sdpa(q, k, v, **kwargs):
+    """SDPA on ``[H, n, D]`` through a 4-D call: on the CPU only 4-D inputs take the flash kernel."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], **kwargs)[0]
+
+
+def _document_attention(q, k, v, image_row: Optional[list[int]], causal: bool, scale: float):
+    """Attention inside one document ``[H, n, D]``; ``image_row`` holds its tokens' image ids."""
+    if not causal:
+        return _sdpa(q, k, v, scale=scale)
+    images = [r for r in _runs(image_row) if r[0] >= 0] if image_row is not None else []
+    if not images:
+        return _sdpa(q, k, v, is_causal=True, scale=scale)
+    if len({r[0] for r in images}) != len(images):
+        # an image split into several runs sees later keys that are not a prefix: mask this document
+        ids = torch.tensor(image_row, device=q.device)
+        n = len(image_row)
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
+        allowed |= (ids[:, None] == ids[None, :]) & (ids[:, None] >= 0)
+        return _sdpa(q, k, v, attn_mask=allowed, scale=scale)
+    # Text rows see only earlier keys: plain causal attention is exact for them. The rows of an
+    # image [a, b) see the whole prefix [0, b): recompute them without a mask.
+    causal_out = _sdpa(q, k, v, is_causal=True, scale=scale)
+    cuts = sorted({0, len(image_row)} | {c for _, a, b in images for c in (a, b)})
+    sizes = [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+    image_ends = {a: b for _, a, b in images}
+    pieces = []
+    for start, q_part, out_part in zip(cuts, q.split(sizes, dim=1), causal_out.split(sizes, dim=1)):
+        end = image_ends.get(start)
+        pieces.append(out_part if end is None else _sdpa(q_part, k[:, :end], v[:, :end], scale=scale))
+    return torch.cat(pieces, dim=1)
+
+
+def _torch_attention(q, k, v, doc_ids, image_ids, causal, scale):
+    """Exact attention without an ``L x L`` mask: one SDPA call per document of each row."""
+    if doc_ids is None and (image_ids is None or not causal):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    batch, _, length, _ = q.shape
+    doc_rows = doc_ids.tolist() if doc_ids is not None else [[0] * length] * batch
+    image_rows = image_ids.tolist() if (image_ids is not None and causal) else [None] * batch
+    # one split per tensor (never many slices: each slice's backward writes a full-size gradient)
+    q_rows, k_rows, v_rows = q.unbind(0), k.unbind(0), v.unbind(0)
+    rows = []
+    for b in range(batch):
+        docs, image_row = doc_rows[b], image_rows[b]
+        runs = _runs(docs)
+        valid = [r for r in runs if r[0] >= 0]
+        if not valid:
+            rows.append(q_rows[b] * 0)  # padding only (kept in the graph: zero gradients)
+        elif len({r[0] for r in valid}) == len(valid):  # every document one contiguous run
+            sizes = [end - start for _, start, end in runs]
+            parts = zip(runs, q_rows[b].split(sizes, 1), k_rows[b].split(sizes, 1), v_rows[b].split(sizes, 1))
+            rows.append(torch.cat([
+                _document_attention(qd, kd, vd, image_row and image_row[start:end], causal, scale)
+                if doc >= 0 else qd.new_zeros(qd.shape)
+                for (doc, start, end), qd, kd, vd in parts
+            ], dim=1))
+        else:  # scattered documents: gather each, attend, scatter back
+            positions: dict[int, list[int]] = {}
+            for i, d in enumerate(docs):
+                if d >= 0:
+                    positions.setdefault(d, []).append(i)
+            outs, index = [], []
+            for pos in positions.values():
+                idx = torch.tensor(pos, device=q.device)
+                qd, kd, vd = (t[b].index_select(1, idx) for t in (q, k, v))
+                doc_images = None if image_row is None else [image_row[i] for i in pos]
+                outs.append(_document_attention(qd, kd, vd, doc_images, causal, scale))
+                index.extend(pos)
+            idx = torch.tensor(index, device=q.device)
+            rows.append(q.new_zeros(q.shape[1:]).index_copy(1, idx, torch.cat(outs, dim=1)))
+    return torch.stack(rows)
+
+
+# -------------------------------------------------------------------------------- triton path
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class _Options:
+    scale: float
+    blocks: Optional[tuple[int, int]]
+
+
+class _MetadataCache:
+    """The last metadata built, reused while the same id tensors come back unmodified.
+
+    Every layer of a model attends with the same ``doc_ids``/``image_ids``: building the
+    per-token table once per forward instead of once per layer saves a dozen small launches.
+    """
+
+    def __init__(self) -> None:
+        self.key = None
+        self.refs: tuple = ()
+        self.value = None
+
+    def get(self, doc_ids, image_ids, causal: bool, length: int):
+        from lcl_fast.kernels.attention import prepare_metadata
+
+        tensors = (doc_ids, image_ids)
+        key = (causal, length) + tuple(None if t is None else (t._version, t.device) for t in tensors)
+        if self.key == key and all(
+            (r is None and t is None) or (r is not None and r() is t) for r, t in zip(self.refs, tensors)
+        ):
+            return self.value
+        value = prepare_metadata(doc_ids, image_ids, causal, length)
+        self.key, self.value = key, value
+        self.refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        return value
+
+
+_metadata = _MetadataCache().get
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, meta, options: _Options):
+        from lcl_fast.kernels.attention import attention_forward
+
+        out, lse = attention_forward(q, k, v, meta, options.scale, blocks=options.blocks)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta, ctx.options = meta, options
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from lcl_fast.kernels.attention import attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(
+            grad_out, q, k, v, out, lse, ctx.meta, ctx.options.scale, blocks=ctx.options.blocks
+        )
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------- entry
+
+
+def interleaved_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    doc_ids: Optional[torch.Tensor] = None,
+    image_ids: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    impl: str = "auto",
+    blocks: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Softmax attention ``[B, H, L, D]`` under document, causal and image-block masking.
+
+    Args:
+        q, k, v: ``[B, H, L, D]``, one dtype and device (any strides).
+        doc_ids: ``[B, L]`` integers; tokens attend only within their document; negative
+            ids are padding (never attended to; their output is zero).
+        image_ids: ``[B, L]`` integers; with ``causal``, tokens of one image (same
+            non-negative id) see each other in both directions; ``-1`` for text.
+        causal: key j is visible to query i only when j <= i (image blocks excepted).
+        softmax_scale: multiplies ``q k^T``; default ``D ** -0.5``.
+        impl: ``"auto" | "triton" | "torch" | "reference"`` (see :mod:`lcl_fast._impl`);
+            ``"auto"`` falls back to ``"torch"`` for dtypes the kernel lacks (float64).
+        blocks: ``(BLOCK_M, BLOCK_N)`` for the Triton kernels (tests); default: autotuned.
+
+    Returns:
+        ``[B, H, L, D]`` in the dtype of ``q``.
+    """
+    _check_inputs(q, k, v, doc_ids, image_ids)
+    explicit_triton = impl == "triton"
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    impl = resolve_impl(impl, q, k, v)
+    if impl == "triton" and q.dtype not in _TRITON_DTYPES:
+        if not explicit_triton:
+            impl = "torch"
+        else:
+            raise ValueError(f"impl='triton' supports {_TRITON_DTYPES}, got {q.dtype}")
+    if impl == "reference":
+        return _reference_attention(q, k, v, doc_ids, image_ids, causal, scale)
+    if impl == "torch":
+        return _torch_attention(q, k, v, doc_ids, image_ids, causal, scale)
+    meta = _metadata(doc_ids, image_ids, causal, q.shape[2])
+    return _TritonAttention.apply(q, k, v, meta, _Options(scale, blocks))
