@@ -1,0 +1,149 @@
+"""The image data path: JPEG bytes to a normalised training batch ``[N, 3, S, S]`` on the device.
+
+Contenders:
+
+- ``reference``: what the published code does per image: PIL decode, RGB, random resized crop
+  (scale 0.9–1.0, bicubic), to tensor, normalise; the batch stacked and moved to the device.
+  torchvision's transforms are used when installed, else an equivalent written here.
+- ``pil`` and ``dali``: lcl-fast's ``decode_batch(jpegs, image_size, train=True, backend=...,
+  device=...)`` (``dali`` when NVIDIA DALI is installed; on CUDA it decodes on the GPU).
+
+The JPEGs are synthetic photographs-like images (smooth colour fields plus grain, 500×375,
+quality 90), made once per session. Throughput: images/s. Peak memory on the CPU is a fresh
+process's RSS high-water-mark growth during one (cold) call: decoding buffers are not tensors
+(see :mod:`benchmarks._harness`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import io
+import math
+import random
+from typing import Callable
+
+import pytest
+import torch
+
+from benchmarks import _harness as h
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SIZE = 224
+N_IMAGES = h.by_scale(smoke=8, small=64, full=256)
+IMPLS = ["reference", "pil", "dali"]
+# where lcl-fast's decode_batch may live (first hit wins)
+DECODE_MODULES = ("lcl_fast.data.decode", "lcl_fast.data")
+
+
+@functools.cache
+def synthetic_jpegs(count: int, seed: int = 0) -> tuple[bytes, ...]:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        field = torch.rand(1, 3, 6, 8, generator=gen)
+        smooth = torch.nn.functional.interpolate(field, size=(375, 500), mode="bicubic", align_corners=False)
+        grain = 0.06 * torch.randn(1, 3, 375, 500, generator=gen)
+        pixels = ((smooth + grain).clamp(0, 1) * 255).to(torch.uint8)[0].permute(1, 2, 0).contiguous().numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return tuple(out)
+
+
+def _crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box for scale (0.9, 1.0), ratio (3/4, 4/3): (left, top, w, h)."""
+    area = width * height
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    for _ in range(10):
+        target = area * rng.uniform(0.9, 1.0)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w, h_ = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h_ <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h_), w, h_
+    ratio = width / height  # fallback: the largest centred crop of an allowed aspect ratio
+    if ratio < 3 / 4:
+        w, h_ = width, round(width / (3 / 4))
+    elif ratio > 4 / 3:
+        w, h_ = round(height * (4 / 3)), height
+    else:
+        w, h_ = width, height
+    return (width - w) // 2, (height - h_) // 2, w, h_
+
+
+def reference_transform(size: int) -> Callable:
+    """bytes -> ``[3, S, S]`` float tensor, as the reference's training transform."""
+    from PIL import Image
+
+    try:
+        from torchvision import transforms as T
+
+        pipeline = T.Compose([
+            T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(), T.Normalize(MEAN, STD),
+        ])
+        return lambda data: pipeline(Image.open(io.BytesIO(data)))
+    except ImportError:
+        pass
+    rng = random.Random(0)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+
+    def transform(data: bytes) -> torch.Tensor:
+        image = Image.open(io.BytesIO(data))
+        left, top, w, h_ = _crop_box(*image.size, rng)
+        image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h_)).convert("RGB")
+        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        return (array.permute(2, 0, 1).float().div_(255) - mean) / std
+
+    return transform
+
+
+def _decode_batch() -> Callable:
+    errors = []
+    for name in DECODE_MODULES:
+        try:
+            fn = getattr(importlib.import_module(name), "decode_batch", None)
+        except Exception as err:  # a module that does not exist yet, or fails at import
+            errors.append(f"{name}: {type(err).__name__}")
+            continue
+        if fn is not None:
+            return fn
+    pytest.skip(f"lcl-fast's decode_batch not found in {DECODE_MODULES} ({'; '.join(errors) or 'no such name'})")
+
+
+def _contender(impl: str) -> Callable[[tuple[bytes, ...]], torch.Tensor]:
+    dev = h.device()
+    if impl == "reference":
+        transform = reference_transform(IMAGE_SIZE)
+        return lambda jpegs: torch.stack([transform(j) for j in jpegs]).to(dev, non_blocking=True)
+    decode_batch = _decode_batch()
+    if impl == "dali":
+        h.import_or_skip("nvidia.dali", reason=" (pip install nvidia-dali-cuda120)")
+    if "device" in inspect.signature(decode_batch).parameters:  # decodes straight onto the device (DALI "mixed")
+        return lambda jpegs: decode_batch(list(jpegs), IMAGE_SIZE, train=True, backend=impl, device=dev)
+    return lambda jpegs: decode_batch(list(jpegs), IMAGE_SIZE, train=True, backend=impl).to(dev, non_blocking=True)
+
+
+def prepare(impl: str) -> Callable[[], torch.Tensor]:
+    """The timed call for ``impl``, inputs made (also the entry of the memory probe's process)."""
+    decode = _contender(impl)
+    jpegs = synthetic_jpegs(N_IMAGES)
+    return lambda: decode(jpegs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_data_path(benchmark, impl: str) -> None:
+    jpegs = synthetic_jpegs(N_IMAGES)
+    h.measure(
+        benchmark,
+        prepare(impl),
+        group=f"data path decode+augment {N_IMAGES} JPEGs 500x375 -> {IMAGE_SIZE}",
+        impl=impl,
+        work={"images": len(jpegs)},
+        params={"op": "data_path", "n_images": len(jpegs), "image_size": IMAGE_SIZE},
+        memory_subprocess=(f"{__name__}:prepare", {"impl": impl}),
+    )
