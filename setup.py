@@ -32,6 +32,7 @@ setup(
         "lcl_fast.nn",
         "lcl_fast.data",
         "lcl_fast.model_configs",
+        "lcl_fast.training",
         "lcl_fast.kernels",
     ],
     package_dir={"lcl_fast.kernels": "kernels"},
@@ -49,6 +50,8 @@ setup(
         "tqdm",
         "pillow",
         "braceexpand",
+        "matplotlib",
+        "tensorboard",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],

@@ -1,0 +1,187 @@
+"""Process groups as torchrun launches them (gloo on CPU, NCCL on GPU), DDP / FSDP2 wrapping, collectives.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the rendezvous address); a plain
+``python -m lcl_fast.train`` is a world of one and creates no process group.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: ``rank`` of ``world_size``, its ``device``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(request: str, local_rank: int) -> torch.device:
+    if request == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to this process")
+    if request == "cuda" or (request == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def setup(device_request: str = "auto") -> DistEnv:
+    """Join the process group torchrun describes (if any) and pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_request, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def scalar_params(model: nn.Module) -> list[nn.Parameter]:
+    """0-dim parameters (``logit_scale``): FSDP2 cannot shard them, so they stay replicated."""
+    return [p for p in model.parameters() if p.ndim == 0]
+
+
+def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = False) -> nn.Module:
+    """DDP across ranks, or FSDP2 (``fully_shard`` on every residual block, then on the whole model).
+
+    Under FSDP2 the scalar parameters are left out of sharding; :func:`average_grads` syncs theirs.
+    """
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for tower in (model.visual, model.text):
+            for block in tower.transformer.resblocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh, ignored_params=set(scalar_params(model)) or None)
+        return model
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def average_grads(params: list[nn.Parameter], env: DistEnv) -> None:
+    """Mean of the gradients of replicated (not FSDP-managed) parameters over ranks, in one all-reduce."""
+    if not env.distributed or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.stack([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= env.world_size
+    for p, g in zip(params, flat):
+        p.grad.copy_(g.view_as(p.grad))
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global L2 norm of the gradients (clipped to ``max_norm`` if finite), sharded (DTensor) or not."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    norms = []
+    for group in (sharded, plain):
+        if group:
+            norm = torch.nn.utils.get_total_norm(group)
+            norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float())
+    if not norms:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm != float("inf"):
+        for group in (sharded, plain):
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The LCL module under DDP / torch.compile wrappers (FSDP2 modifies the module in place)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def no_sync(model: nn.Module, last_micro_step: bool):
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP2) on all but the last micro-step."""
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
+        inner.set_requires_gradient_sync(last_micro_step)
+        return nullcontext()
+    if last_micro_step or not isinstance(inner, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return inner.no_sync()
+
+
+@contextmanager
+def full_params(model: nn.Module) -> Iterator[nn.Module]:
+    """The unwrapped model, parameters usable by ``encode_image``/``encode_text`` (FSDP2: root unsharded).
+
+    Under FSDP2 every rank must enter this together: the blocks unshard themselves in their forward.
+    """
+    module = unwrap(model)
+    unshard = getattr(module, "unshard", None)
+    if unshard is None:
+        yield module
+        return
+    # Encoders bypass the root's forward, which is where FSDP2 initialises itself; do it first (else
+    # the first block to run would claim to be the root).
+    state = getattr(module, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
+    unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
+
+
+def any_true(flags: list[bool], env: DistEnv) -> list[bool]:
+    """Element-wise OR of ``flags`` over all ranks (one small all-reduce; none for a world of one)."""
+    if not env.distributed:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

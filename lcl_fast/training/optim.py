@@ -1,0 +1,70 @@
+"""AdamW with decay on matrices only, the cosine schedule with linear warm-up, the logit-scale clamp.
+
+As in open_clip's trainer: parameters with fewer than two dimensions (biases, LayerNorm weights,
+``logit_scale``, the class/positional embeddings' 1-D cousins) get no weight decay; the schedule
+is ``lr·(s+1)/warmup`` during warm-up, then ``lr·½(1 + cos(π·(s − warmup)/(total − warmup)))``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+LOGIT_SCALE_MAX = math.log(100)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decayed matrices; everything else not decayed (the scalars, such as ``logit_scale``, in a group of
+    their own: FSDP2 keeps them as plain tensors among sharded ones). Frozen parameters are left out."""
+    decay, no_decay, scalars = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # open_clip's rule: 1-D tensors, norms, biases and the logit scale are not decayed.
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (scalars if p.ndim == 0 else no_decay if exclude else decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return groups + ([{"params": scalars, "weight_decay": 0.0}] if scalars else [])
+
+
+def build_optimizer(
+    groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float, kind: str = "adamw"
+) -> torch.optim.Optimizer:
+    """torch AdamW (``fused=True`` when every parameter is on CUDA), or apex's FusedAdam in AdamW mode."""
+    if kind == "apex_fused_adam":
+        from apex.optimizers import FusedAdam  # checked importable by the config
+
+        return FusedAdam(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+    if kind != "adamw":
+        raise ValueError(f"optimizer must be 'adamw' or 'apex_fused_adam', got {kind!r}")
+    params: Iterable[torch.Tensor] = (p for g in groups for p in g["params"])
+    on_cuda = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
+
+
+def default_warmup(total_steps: int, warmup: int | None, recipe: int = 2000) -> int:
+    """``warmup`` as given, else the recipe's 2000 steps or a tenth of the run if that is shorter."""
+    return warmup if warmup is not None else min(recipe, max(total_steps // 10, 1))
+
+
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` whose factor at step ``s`` is open_clip's ``cosine_lr`` (stepped once per update)."""
+    decay_steps = max(total_steps - warmup, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, decay_steps) / decay_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Keep ``logit_scale`` in [0, ln 100] after each step, as the reference's trainer does."""
+    model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
