@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import config as C
+from ._impl import resolve_impl
 from .nn.towers import AttentivePoolingProjection, TextTower, VisionTower
 from .nn.transformer import LayerNorm
 
@@ -152,6 +153,18 @@ class LCL(nn.Module):
         run = torch.cumsum(starts.flatten(), 0).view_as(text) - 1
         return torch.where(img_mask, run, torch.full_like(run, -1))
 
+    def padding_doc_ids(self, text: torch.Tensor) -> torch.Tensor:
+        """``doc_ids`` that mark the trailing pad run of each row with -1, so attention kernels skip it.
+
+        Exact: nothing before the pad run attends to it (causal order), and no output at a pad slot is used
+        (they predict no label and carry no ``<start_of_img>``).
+        """
+        nonpad = (text != self.pad_id).int()
+        length = text.shape[1] - torch.argmax(nonpad.flip(1), dim=1)
+        length = torch.where(nonpad.any(dim=1), length, torch.zeros_like(length))
+        positions = torch.arange(text.shape[1], device=text.device)
+        return torch.where(positions < length[:, None], 0, -1)
+
     def contrastive_features(
         self, pooled: torch.Tensor, hidden: torch.Tensor, text: torch.Tensor, position_ids: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +217,11 @@ class LCL(nn.Module):
 
         embs = self.interleaved_embeddings(image_embs, text)
         image_ids = self.image_ids(text) if self.image_bidirectional else None
-        hidden = self._run_text(embs, position_ids, doc_ids, image_ids)
+        attn_doc_ids = doc_ids
+        if attn_doc_ids is None and resolve_impl(self.impl, text) == "triton":
+            # The kernel skips tiles of padding outright; the torch paths gain nothing from it.
+            attn_doc_ids = self.padding_doc_ids(text)
+        hidden = self._run_text(embs, position_ids, attn_doc_ids, image_ids)
 
         image_features, text_features = self.contrastive_features(pooled, hidden, text, position_ids)
         gen_hidden, labels = self.generation_targets(hidden, text, doc_ids)
