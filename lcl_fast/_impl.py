@@ -23,7 +23,7 @@ import torch
 IMPLS = ("reference", "torch", "triton", "auto")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported (checked once, lazily)."""
     return importlib.util.find_spec("triton") is not None

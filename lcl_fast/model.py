@@ -62,7 +62,9 @@ class LCL(nn.Module):
         self.visual = VisionTower(vcfg, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl)
         self.text = TextTower(tcfg, embed_dim, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl)
         self.pool_project = AttentivePoolingProjection(pcfg, fp32_norm=fp32_norm)
-        self.lm_head = nn.Sequential(LayerNorm(tcfg.width, fp32=fp32_norm), nn.Linear(tcfg.width, tcfg.vocab_size, bias=False))
+        self.lm_head = nn.Sequential(
+            LayerNorm(tcfg.width, fp32=fp32_norm), nn.Linear(tcfg.width, tcfg.vocab_size, bias=False)
+        )
 
         self.pad_id = 0  # the reference treats id 0 as padding in the generation labels
         self.sot_id = ids["<start_of_text>"]

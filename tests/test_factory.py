@@ -59,7 +59,8 @@ def test_checkpoint_errors_name_keys(tmp_path):
     broken.pop("lm_head.1.weight")
     broken["text.extra_thing"] = torch.zeros(1)
     torch.save({"state_dict": broken}, tmp_path / "broken.pt")
-    with pytest.raises(ValueError, match=r"missing keys \['lm_head.1.weight'\].*unexpected keys \['text.extra_thing'\]"):
+    expected = r"missing keys \['lm_head.1.weight'\].*unexpected keys \['text.extra_thing'\]"
+    with pytest.raises(ValueError, match=expected):
         lcl_fast.create_model(TINY, pretrained=tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="unknown model"):
         lcl_fast.create_model("LCL_ViT-Z-99")

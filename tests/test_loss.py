@@ -65,7 +65,8 @@ def test_single_process_weights_and_zero_contrastive_weight():
 
 def test_all_labels_ignored_gives_zero_not_nan():
     logits = torch.randn(3, 5, requires_grad=True)
-    _, g = lcl_fast.LCLLoss(1.0, 0.0)(torch.zeros(0, 4), torch.zeros(0, 4), logits, torch.zeros(3, dtype=torch.long), 1.0)
+    labels = torch.zeros(3, dtype=torch.long)
+    _, g = lcl_fast.LCLLoss(1.0, 0.0)(torch.zeros(0, 4), torch.zeros(0, 4), logits, labels, 1.0)
     g.backward()
     assert g.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
