@@ -71,7 +71,11 @@ def _contender(impl: str, batch: int, length: int, heads: int, dim: int, doc_ids
     """(layout of q/k/v, function(q, k, v) -> out) for one contender."""
     if impl in ("reference", "torch", "triton"):
         attend = _lcl(impl)
-        return "bhld", lambda q, k, v: attend(q, k, v, doc_ids=doc_ids, causal=True)
+        if doc_ids is None:
+            return "bhld", lambda q, k, v: attend(q, k, v, causal=True)
+        # A fresh ids tensor per call: the Triton path caches its metadata per tensor, and FlexAttention
+        # below rebuilds its block mask every call, so both pay for their mask construction in the timing.
+        return "bhld", lambda q, k, v: attend(q, k, v, doc_ids=doc_ids.clone(), causal=True)
     if not h.on_cuda():
         pytest.skip(f"{impl} is benchmarked on CUDA only")
     if impl == "flex_attention":
