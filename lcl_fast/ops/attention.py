@@ -223,7 +223,7 @@ class _MetadataCache:
         self.value = None
 
     def get(self, doc_ids, image_ids, causal: bool, length: int):
-        from lcl_fast.kernels.attention import prepare_metadata
+        from lcl_fast.kernels.attention_launch import prepare_metadata
 
         tensors = (doc_ids, image_ids)
         key = (causal, length) + tuple(None if t is None else (t._version, t.device) for t in tensors)
@@ -243,7 +243,7 @@ _metadata = _MetadataCache().get
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta, options: _Options):
-        from lcl_fast.kernels.attention import attention_forward
+        from lcl_fast.kernels.attention_launch import attention_forward
 
         out, lse = attention_forward(q, k, v, meta, options.scale, blocks=options.blocks)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -252,7 +252,7 @@ class _TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from lcl_fast.kernels.attention import attention_backward
+        from lcl_fast.kernels.attention_launch import attention_backward
 
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(

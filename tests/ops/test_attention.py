@@ -232,7 +232,7 @@ def test_dense_mask_matches_definition():
 
 def test_metadata_table_bounds():
     """The per-token bounds the kernels read cover every visible pair and nothing else is promised."""
-    from lcl_fast.kernels.attention import prepare_metadata
+    from lcl_fast.kernels.attention_launch import prepare_metadata
 
     gen = torch.Generator().manual_seed(3)
     doc_ids, image_ids = random_metadata(gen, 3, 70, docs=True, images=True, pad=True)
@@ -292,7 +292,7 @@ def test_bad_inputs():
 
 def test_gpu_tile_candidates_fit():
     """The GPU-only plumbing (autotuner, pruning, heuristic tiles) builds and keeps a fitting tile."""
-    import lcl_fast.kernels.attention as kernels
+    import lcl_fast.kernels.attention_launch as kernels
 
     for kind in ("fwd", "dkdv", "dq"):
         tuned = kernels._tuned(kind)
