@@ -98,6 +98,8 @@ class PoolProjectCfg:
 
 
 def _build(cls, cfg: Any, what: str):
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, (cls, type)):
+        cfg = dataclasses.asdict(cfg)  # another project's config class: checked like a dict
     if isinstance(cfg, cls):
         obj = cfg
     elif isinstance(cfg, dict):
@@ -106,8 +108,6 @@ def _build(cls, cfg: Any, what: str):
         if unknown:
             raise ValueError(f"{what}: unknown field(s) {unknown}; known fields: {sorted(names)}")
         obj = cls(**cfg)
-    elif dataclasses.is_dataclass(cfg):
-        obj = cls(**{k: v for k, v in dataclasses.asdict(cfg).items()})
     else:
         raise TypeError(f"{what} must be a dict or {cls.__name__}, got {type(cfg).__name__}")
     defaults = cls()

@@ -90,21 +90,29 @@ class LCL(nn.Module):
                 f"images must be [n_images, 3, {size}, {size}] for this config, got {list(images.shape)}"
             )
 
-    def _check_text(self, text: torch.Tensor, n_images: int) -> None:
+    def _check_text(self, text: torch.Tensor, n_images: int, *, check_soi: bool = True) -> None:
+        """Token ids in range, one placeholder run and (with ``check_soi``) one ``<start_of_img>`` per image.
+
+        The counts are read back in one transfer: a single host sync per forward on a GPU.
+        """
         if text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"text must be an integer tensor [batch, length], got {text.dtype} {list(text.shape)}")
         if text.shape[1] > self.text.context_length:
             raise ValueError(f"text length {text.shape[1]} exceeds context_length {self.text.context_length}")
-        if text.numel():
-            lo, hi = int(text.min()), int(text.max())
-            if lo < 0 or hi >= self.text.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {self.text.vocab_size}), got min {lo} max {hi}")
-        n_placeholders = int((text == self.img_id).sum())
+        if not text.numel():
+            return
+        lo, hi, n_placeholders, n_soi = torch.stack(
+            [text.min(), text.max(), (text == self.img_id).sum(), (text == self.soi_id).sum()]
+        ).tolist()
+        if lo < 0 or hi >= self.text.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.text.vocab_size}), got min {lo} max {hi}")
         if n_placeholders != n_images * self.num_img_token:
             raise ValueError(
                 f"text has {n_placeholders} <img_placehold> tokens but {n_images} images × "
                 f"{self.num_img_token} image tokens = {n_images * self.num_img_token}"
             )
+        if check_soi and n_soi != n_images:
+            raise ValueError(f"text has {n_soi} <start_of_img> tokens but {n_images} images were given")
 
     # ------------------------------------------------------------------ encoders
     def _encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +143,7 @@ class LCL(nn.Module):
 
         Unlike the reference, ``text`` is not modified in place.
         """
-        self._check_text(text, 0)
+        self._check_text(text, 0, check_soi=False)
         text = torch.where(text == self.eot_id, torch.full_like(text, self.soi_id), text)
         x = self._run_text(self.text.token_embedding(text).to(self._text_dtype()))
         feats = self.text.project(x[text == self.soi_id])
@@ -210,9 +218,6 @@ class LCL(nn.Module):
         if text is None:
             return {"image_features": F.normalize(pooled, dim=-1), "image_embs": image_embs}
         self._check_text(text, image.shape[0])
-        n_soi = int((text == self.soi_id).sum())
-        if n_soi != image.shape[0]:
-            raise ValueError(f"text has {n_soi} <start_of_img> tokens but {image.shape[0]} images were given")
         for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if t is not None and t.shape != text.shape:
                 raise ValueError(f"{name} shape {list(t.shape)} != text shape {list(text.shape)}")

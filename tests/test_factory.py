@@ -81,6 +81,10 @@ def test_bad_inputs_raise():
         bad = text.clone()
         bad[1, 20] = 64
         model(images, bad)
+    with pytest.raises(ValueError, match=r"text has 3 <start_of_img> tokens but 2 images were given"):
+        bad = text.clone()
+        bad[1, 12] = 62
+        model(images, bad)
     with pytest.raises(ValueError, match=r"text length 30 exceeds context_length 24"):
         model(images, torch.nn.functional.pad(text, (0, 6)))
     loss = lcl_fast.LCLLoss(1.0, 0.1)
