@@ -3,7 +3,7 @@
 Configurations: ``LCL_tiny`` (the shipped smoke-test configuration; overhead-bound; the inline
 ``TINY_CONFIG`` stands in if it is not registered), and the published ``B/32 LAION`` and
 ``B/32 MMC4`` shapes, at reduced depth on the CPU (``layers`` of both towers overridden) and full
-depth on CUDA. Batches follow the reference's sequence layouts (see ``/work/shared/REFERENCE.md``):
+depth on CUDA. Batches follow the reference's sequence layouts (see ``tests/golden/README.md``):
 LAION rows are one image and a caption, image first or last; MMC4 rows are documents of sentences
 with up to six images, filling the context.
 """

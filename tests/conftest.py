@@ -10,11 +10,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("LCL_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+# The reference's outputs live in the repository (tests/golden/README.md says where they come from);
+# LCL_GOLDEN_DIR points the suite at another copy, for example freshly regenerated files.
+GOLDEN = Path(os.environ.get("LCL_GOLDEN_DIR", REPO / "tests" / "golden"))
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():
-        pytest.fail(f"golden files not found at {GOLDEN} (set LCL_GOLDEN_DIR)")
+        pytest.fail(f"golden files not found at {GOLDEN} (LCL_GOLDEN_DIR overrides tests/golden)")
     return GOLDEN
