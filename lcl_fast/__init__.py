@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LCL": "lcl_fast.model",
     "LCLLoss": "lcl_fast.loss",
+    "add_model_config": "lcl_fast.factory",
     "create_model": "lcl_fast.factory",
     "get_model_config": "lcl_fast.factory",
     "list_models": "lcl_fast.factory",

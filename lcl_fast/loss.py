@@ -26,6 +26,13 @@ class LCLLoss(nn.Module):
     Constructor and ``forward`` match the reference; ``impl`` and ``chunk_size`` are lcl-fast's own.
     Under an initialised process group every rank's pairs take part (``local_loss`` semantics, as
     the reference requires), with different pair counts per rank.
+
+    Empty batches: where the reference divides by zero, lcl-fast returns 0. A batch (or a rank) with no
+    image/context pair gives a contrastive loss of 0, and a batch whose generation labels are all
+    padding gives a generation loss of 0; the reference returns NaN for both (a mean over nothing).
+    The zero still backpropagates (zero gradients), and this holds for every ``impl``, ``"reference"``
+    included: that path reproduces the reference's computation strategy, and a NaN on one rank would
+    reach every rank's ``logit_scale`` gradient through the data-parallel all-reduce and ruin the run.
     """
 
     def __init__(
@@ -79,36 +86,77 @@ class LCLLoss(nn.Module):
         labels: torch.Tensor,
         hidden: Optional[torch.Tensor] = None,
         lm_head_weight: Optional[torch.Tensor] = None,
+        generation_live: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if logits is not None:
             if logits.shape[:-1] != labels.shape:
                 raise ValueError(f"logits {list(logits.shape)} do not match labels {list(labels.shape)}")
             if not bool((labels != self.pad_id).any()):
-                # The reference returns NaN here (mean over no tokens); a zero that still backprops is kinder.
+                # The reference returns NaN here (mean over no tokens); see the class docstring.
                 return logits.sum() * 0.0
             return F.cross_entropy(logits, labels, ignore_index=self.pad_id)
         if hidden is None or lm_head_weight is None:
             raise ValueError("LCLLoss needs either logits or (hidden, lm_head_weight)")
         if hidden.shape[0] != labels.shape[0]:
             raise ValueError(f"hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
-        return linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=self.pad_id, impl=self.impl)
+        weight = _lm_head_weight(lm_head_weight)
+        if generation_live is not None and generation_live.shape != labels.shape:
+            raise ValueError(
+                f"generation_live {list(generation_live.shape)} does not match labels {list(labels.shape)}"
+            )
+        if generation_live is None or bool(generation_live.all()):
+            return linear_cross_entropy(hidden, weight, labels, ignore_index=self.pad_id, impl=self.impl)
+        # open_clip's cached-feature accumulation: rows of other micro-batches were computed without
+        # gradients. Through logits they would reach nothing; here they must not reach the LM head's
+        # weight either, so they see a detached copy. Same mean over every labelled row as with logits.
+        live, cached = generation_live, ~generation_live
+        sums = [
+            linear_cross_entropy(hidden[rows], w, labels[rows], ignore_index=self.pad_id, reduction="sum",
+                                 impl=self.impl)
+            for rows, w in ((live, weight), (cached, weight.detach()))
+        ]
+        count = (labels != self.pad_id).sum().clamp(min=1)
+        return (sums[0] + sums[1]) / count
 
     def forward(
         self,
         image_features: torch.Tensor,
         text_features: torch.Tensor,
-        logits: Optional[torch.Tensor],
-        labels: torch.Tensor,
-        logit_scale,
+        logits: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        logit_scale=None,
         output_dict: bool = False,
         *,
         hidden: Optional[torch.Tensor] = None,
         lm_head_weight: Optional[torch.Tensor] = None,
+        generation_live: Optional[torch.Tensor] = None,
     ):
+        """The reference's ``forward(image_features, text_features, logits, labels, logit_scale)``.
+
+        From ``LCL(..., fused_generation_loss=True)`` the model's output has ``hidden``, ``lm_head_weight``
+        and ``generation_live`` in place of ``logits``: pass the whole dict (``loss(**out)``).
+        """
+        if labels is None or logit_scale is None:
+            raise ValueError("LCLLoss needs labels and logit_scale (pass the model's output: loss(**out))")
         contrastive = torch.tensor(0)
         if self.contrastive_loss_weight:
             contrastive = self.contrastive_loss_weight * self.contrastive(image_features, text_features, logit_scale)
-        generation = self.generation_loss_weight * self.generation(logits, labels, hidden, lm_head_weight)
+        generation = self.generation_loss_weight * self.generation(
+            logits, labels, hidden, lm_head_weight, generation_live
+        )
         if output_dict:
             return {"contrastive_loss": contrastive, "caption_loss": generation}
         return contrastive, generation
+
+
+def _lm_head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The LM head's ``[V, W]`` weight from what the model hands over: ``[V, W]``, or ``[k, V, W]`` with one
+    identical copy per concatenated micro-batch. The value is the first copy; the gradient reaches each
+    copy that carries one (only the micro-batch being recomputed does)."""
+    if weight.dim() == 2:
+        return weight
+    if weight.dim() != 3 or weight.shape[0] < 1:
+        raise ValueError(f"lm_head_weight must be [V, W] or [k, V, W], got {list(weight.shape)}")
+    if weight.shape[0] == 1:
+        return weight[0]
+    return weight[0].detach() + (weight - weight.detach()).sum(0)

@@ -4,8 +4,9 @@ Same constructor arguments, same ``forward(images, text)`` output dict, same sta
 lcl-fast adds keyword-only options: ``impl`` (attention implementation), ``fused_generation_loss``
 (hand the loss the selected hidden states and the LM-head weight instead of full logits), and
 ``image_bidirectional`` (image latents attend to each other in both directions; off by default
-because the reference is plain causal). ``forward`` also takes ``doc_ids``/``position_ids`` for
-packed rows.
+because the reference is plain causal). With ``fused_generation_loss`` the output has ``hidden``,
+``lm_head_weight`` and ``generation_live`` in place of ``logits`` (see :meth:`LCL.forward`).
+``forward`` also takes ``doc_ids``/``position_ids`` for packed rows.
 """
 
 from __future__ import annotations
@@ -138,13 +139,25 @@ class LCL(nn.Module):
         x = embs + (pos[: embs.shape[1]] if position_ids is None else pos[position_ids])
         return self.text.transformer(x, doc_ids=doc_ids, image_ids=image_ids)
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Text features at ``<start_of_img>`` (``<end_of_text>`` is turned into one, as the reference does).
+    def encode_text(
+        self, text: torch.Tensor, normalize: bool = True, context_length: Optional[int] = 77
+    ) -> torch.Tensor:
+        """Text features at ``<start_of_img>``, as the reference's ``encode_text``: every ``<end_of_text>``
+        becomes ``<start_of_img>``, rows are cut to ``context_length`` (77 by default, as there; None: no
+        cut), and a row left without ``<start_of_img>`` gets one in its last slot. One feature per
+        ``<start_of_img>``, in row-major order.
 
         Unlike the reference, ``text`` is not modified in place.
         """
+        if context_length is not None:
+            if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+                raise ValueError(f"context_length must be a positive int or None, got {context_length!r}")
+            text = text[:, :context_length]
         self._check_text(text, 0, check_soi=False)
         text = torch.where(text == self.eot_id, torch.full_like(text, self.soi_id), text)
+        if text.numel():
+            no_soi = ~(text == self.soi_id).any(dim=1)
+            text = torch.cat([text[:, :-1], torch.where(no_soi, self.soi_id, text[:, -1]).unsqueeze(1)], dim=1)
         x = self._run_text(self.text.token_embedding(text).to(self._text_dtype()))
         feats = self.text.project(x[text == self.soi_id])
         return F.normalize(feats, dim=-1) if normalize else feats
@@ -239,9 +252,16 @@ class LCL(nn.Module):
             "logit_scale": self.logit_scale.exp(),
         }
         if self.fused_generation_loss:
-            out["logits"] = None
+            # No full logits: the loss gets the LM head's input and weight. Every value is a tensor whose
+            # rows concatenate, because open_clip's cached-feature accumulation (--accum-freq) cats each key
+            # across micro-batches: the weight as [1, V, W] (one copy per micro-batch), and
+            # ``generation_live`` marking the rows computed with gradients (False for cached micro-batches),
+            # so that only those rows reach the LM head's gradient, as they do through cached logits.
             out["hidden"] = self.lm_head[0](gen_hidden)
-            out["lm_head_weight"] = self.lm_head[1].weight
+            out["lm_head_weight"] = self.lm_head[1].weight.unsqueeze(0)
+            out["generation_live"] = torch.full(
+                labels.shape, torch.is_grad_enabled(), dtype=torch.bool, device=labels.device
+            )
         else:
             out["logits"] = self.lm_head(gen_hidden)
         return out

@@ -23,8 +23,9 @@ import html
 import itertools
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import ftfy
 import numpy as np
@@ -185,9 +186,27 @@ class Tokenizer:
                 f"expected {VOCAB_SIZE} ids with {SPECIAL_TOKEN_IDS}"
             )
         self.special_token_ids = dict(SPECIAL_TOKEN_IDS)  # a copy: callers may edit theirs
+        self._decoder: dict[int, str] | None = None
 
     def __reduce__(self):
         return (Tokenizer, (self.context_length, self.bpe_path))
+
+    @property
+    def encoder(self) -> Mapping[str, int]:
+        """Token → id, as the reference tokenizer's ``encoder`` (BPE symbols, ``</w>`` ending a word, and
+        the special tokens by name: ``tok.encoder["<start_of_img>"]``). Read-only."""
+        return MappingProxyType(self._bpe.id_of)
+
+    @property
+    def decoder(self) -> dict[int, str]:
+        """Id → token, the inverse of :attr:`encoder` (built on first use)."""
+        if self._decoder is None:
+            self._decoder = {i: t for t, i in self._bpe.id_of.items()}
+        return self._decoder
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [SPECIAL_TOKEN_IDS[t] for t in SPECIAL_TOKENS]
 
     def __repr__(self) -> str:
         return f"Tokenizer(context_length={self.context_length}, vocab_size={self.vocab_size})"
@@ -249,13 +268,25 @@ class Tokenizer:
         return ids
 
 
-def get_tokenizer(name: str | None = None, *, context_length: int | None = None) -> Tokenizer:
-    """The LCL tokenizer. ``name``: a published configuration (its context length becomes the
-    default, see ``MODEL_CONTEXT_LENGTHS``) or None (77); ``context_length`` overrides both."""
-    if name is not None and name not in MODEL_CONTEXT_LENGTHS:
-        raise ValueError(f"unknown model name {name!r}; known: {sorted(MODEL_CONTEXT_LENGTHS)}")
+def get_tokenizer(
+    name: str | dict | None = None, *, context_length: int | None = None, **_open_clip_kwargs
+) -> Tokenizer:
+    """The LCL tokenizer, looked up like :func:`lcl_fast.create_model` looks up a model.
+
+    ``name``: a shipped or registered configuration (``lcl_fast.list_models()``, including those added
+    with ``lcl_fast.add_model_config``), a JSON config path, or a config dict; its
+    ``text_cfg.context_length`` becomes the default length. None: 77. ``context_length`` overrides both.
+    Keyword arguments open_clip passes from ``text_cfg.tokenizer_kwargs`` (``additional_special_tokens``)
+    are accepted: LCL's image tokens are always part of the vocabulary.
+    """
+    default = DEFAULT_CONTEXT_LENGTH
+    if name is not None:
+        from ..factory import get_model_config  # lazy: the data layer needs no model code otherwise
+
+        config = get_model_config(name)  # an unknown name is an error, even with an explicit length
+        default = config.get("text_cfg", {}).get("context_length", DEFAULT_CONTEXT_LENGTH)
     if context_length is None:
-        context_length = DEFAULT_CONTEXT_LENGTH if name is None else MODEL_CONTEXT_LENGTHS[name]
+        context_length = default
     return Tokenizer(context_length)
 
 

@@ -22,32 +22,32 @@ from lcl_fast.ops.attention import interleaved_attention
 __all__ = ["MultiheadSelfAttention"]
 
 
-class MultiheadSelfAttention(nn.Module):
-    """Self-attention ``[B, L, W] -> [B, L, W]`` with ``heads`` heads of ``W / heads`` channels."""
+class MultiheadSelfAttention(nn.MultiheadAttention):
+    """Self-attention ``[B, L, W] -> [B, L, W]`` with ``heads`` heads of ``W / heads`` channels.
+
+    A ``torch.nn.MultiheadAttention`` by type, so code that finds attention by module type treats it as
+    the reference's (open_clip's ``convert_weights_to_lp`` casts ``in_proj_*`` for ``--precision bf16``;
+    quantisation and FSDP wrapping policies match it the same way); same parameters and state-dict keys.
+    Only :meth:`forward` differs: batch-first self-attention over the interleaved-attention ops.
+    """
 
     def __init__(self, width: int, heads: int, *, impl: str = "auto") -> None:
-        super().__init__()
         if width <= 0 or heads <= 0 or width % heads:
             raise ValueError(f"width ({width}) must be a positive multiple of heads ({heads})")
+        # torch's constructor draws the initialisation (xavier in_proj, zero biases): the reference's.
+        super().__init__(width, heads, batch_first=True)
         self.width = width
         self.heads = heads
         self.impl = check_impl(impl)
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The initialisation of ``torch.nn.MultiheadAttention``."""
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-        self.out_proj.reset_parameters()
-        nn.init.zeros_(self.out_proj.bias)
+        self._reset_parameters()
 
     def extra_repr(self) -> str:
         return f"width={self.width}, heads={self.heads}, impl={self.impl!r}"
 
-    def forward(
+    def forward(  # type: ignore[override]  # self-attention over one input, not (query, key, value)
         self,
         x: torch.Tensor,
         *,

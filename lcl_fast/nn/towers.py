@@ -16,6 +16,10 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         width, grid = cfg.width, cfg.grid
+        # open_clip's ViT attributes: its factory reads ``visual.image_size`` to build the preprocessing.
+        self.image_size = (cfg.image_size, cfg.image_size)
+        self.patch_size = (cfg.patch_size, cfg.patch_size)
+        self.grid_size = (grid, grid)
         scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
@@ -52,15 +56,19 @@ class CrossAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(out_dim))
         self.proj = nn.Linear(out_dim, out_dim, bias=False)
 
+    # Weights and biases are taken in the activations' dtype: open_clip's ``--precision bf16`` casts the
+    # Linear weights (by type) but not the ``*_bias`` parameters nor the query token, and runs no autocast.
     def values(self, x_v: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x_v, self.v.weight, self.v_bias)
+        return nn.functional.linear(x_v, self.v.weight.to(x_v.dtype), self.v_bias.to(x_v.dtype))
 
     def forward(self, x_q: torch.Tensor, x_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``x_q [N, Q, dim]``, ``x_k [N, P, dim]``, ``v [N, P, out_dim]`` (already projected) → ``[N, Q, out_dim]``."""
         n, nq, _ = x_q.shape
         h = self.num_heads
-        q = nn.functional.linear(x_q, self.q.weight, self.q_bias).unflatten(-1, (h, -1)).transpose(1, 2)
-        k = nn.functional.linear(x_k, self.k.weight, self.k_bias).unflatten(-1, (h, -1)).transpose(1, 2)
+        q = nn.functional.linear(x_q, self.q.weight.to(x_q.dtype), self.q_bias.to(x_q.dtype))
+        q = q.unflatten(-1, (h, -1)).transpose(1, 2)
+        k = nn.functional.linear(x_k, self.k.weight.to(x_k.dtype), self.k_bias.to(x_k.dtype))
+        k = k.unflatten(-1, (h, -1)).transpose(1, 2)
         v = v.unflatten(-1, (h, -1)).transpose(1, 2)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(n, nq, -1))
@@ -90,7 +98,7 @@ class AttentivePoolingProjection(nn.Module):
         """``x [N, P, input_dim]`` → (pooled ``[N, output_dim]``, tokens ``[N, P, output_dim]``)."""
         p = self.pooler
         v = p.cross_attn.values(p.norm1_v(x))
-        query = p.norm1_q(self.query_token.expand(x.shape[0], -1, -1))
+        query = p.norm1_q(self.query_token.to(x.dtype).expand(x.shape[0], -1, -1))
         pooled = p.cross_attn(query, p.norm1_k(x), v).squeeze(1)
         tokens = p.cross_attn.proj(v)
         return pooled, tokens
@@ -122,4 +130,5 @@ class TextTower(nn.Module):
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """``ln_final(h) @ text_projection``: the text feature at a ``<start_of_img>`` position."""
-        return self.ln_final(h) @ self.text_projection
+        x = self.ln_final(h)
+        return x @ self.text_projection.to(x.dtype)
