@@ -10,6 +10,10 @@ Algorithm
     gives both directions of the loss. When the row blocks alone cannot fill the GPU (a rank's few
     local rows against the global batch) the columns are split too and the splits' partial
     logsumexps merged (flash-decoding style).
+    Each logsumexp is kept as two floats, the running max (a logit of the tile, bit for bit) and
+    ``log2`` of the sum below it: at ``s = 100`` a logsumexp is ~144 in log2 units, whose float32
+    ulp (1.5e-5) would otherwise cap the precision of ``P = 2^(s2 − lse)`` near 1, and with it of the
+    small gradients of confident pairs; ``s2 − max`` is exact and the log-sum keeps full precision.
 
     ``_label_logits_kernel`` recomputes, from the same tiles, each row's logit at its label
     column ``row + label_offset`` (the loss is ``Σ (lse − label)``): bit-identical to what the
@@ -35,8 +39,8 @@ Algorithm
 
 Memory
     ``lse``: no logits beyond one ``BLOCK_M × BLOCK_N`` tile per program, in registers; it writes
-    ``4·n·(splits + 1)`` bytes of statistics (+ ``4·⌈n/BLOCK_M⌉·m`` for the symmetric column
-    partials: 128 MiB at n = m = 64k). ``grad_logits``: the chunk ``G [n, col_end − col_start]``
+    ``8·n·(splits + 1)`` bytes of statistics (+ ``8·⌈n/BLOCK_M⌉·m`` for the symmetric column
+    partials: 256 MiB at n = m = 64k). ``grad_logits``: the chunk ``G [n, col_end − col_start]``
     in the input dtype (the caller picks the chunk: 128 MiB by default).
 
 Limits
@@ -120,9 +124,13 @@ def _lse_kernel(
             s2c = tl.where(row_ok[:, None], s2, float("-inf"))
             col_max = tl.where(col_ok, tl.max(s2c, axis=0), 0.0)
             col_sum = tl.where(col_ok, tl.sum(tl.exp2(s2c - col_max[None, :]), axis=0), 1.0)
-            colp_row = colp_ptr + pid_m.to(tl.int64) * stride_colp
-            tl.store(colp_row + cols, col_max + tl.log2(col_sum), mask=col_ok)
-    tl.store(lse_ptr + pid_s * stride_part + rows, row_max + tl.log2(row_sum), mask=row_ok)
+            colp_row = colp_ptr + pid_m.to(tl.int64) * stride_colp + 2 * cols
+            tl.store(colp_row, col_max, mask=col_ok)
+            tl.store(colp_row + 1, tl.log2(col_sum), mask=col_ok)
+    # (max, log2 of the sum below it) per row: see "Algorithm" for why not their sum
+    lse_row = lse_ptr + pid_s * stride_part + 2 * rows
+    tl.store(lse_row, row_max, mask=row_ok)
+    tl.store(lse_row + 1, tl.log2(row_sum), mask=row_ok)
 
 
 @triton.jit
@@ -173,10 +181,14 @@ def _grad_logits_kernel(
     # the same blocks and arithmetic as _lse_kernel: these are the forward's logits, bit for bit
     s2 = x * (tl.load(scale_ptr).to(tl.float32) * LOG2E)
     is_label = cols[None, :] == (rows + label_offset)[:, None]
-    # outside the matrix lse = +inf: those exponentials are 0 instead of overflowing
-    g = tl.exp2(s2 - tl.load(lse_row_ptr + rows, mask=row_ok, other=float("inf"))[:, None])
+    # statistics are (max, log2 sum) pairs; outside the matrix max = +inf: those exponentials are 0
+    row_max = tl.load(lse_row_ptr + 2 * rows, mask=row_ok, other=float("inf"))
+    row_log = tl.load(lse_row_ptr + 2 * rows + 1, mask=row_ok, other=0.0)
+    g = tl.exp2((s2 - row_max[:, None]) - row_log[:, None])
     if SYMMETRIC:
-        g += tl.exp2(s2 - tl.load(lse_col_ptr + cols, mask=col_ok, other=float("inf"))[None, :])
+        col_max = tl.load(lse_col_ptr + 2 * cols, mask=col_ok, other=float("inf"))
+        col_log = tl.load(lse_col_ptr + 2 * cols + 1, mask=col_ok, other=0.0)
+        g += tl.exp2((s2 - col_max[None, :]) - col_log[None, :])
         g -= tl.where(is_label, 2.0, 0.0)
     else:
         g -= tl.where(is_label, 1.0, 0.0)
@@ -261,13 +273,22 @@ def _device_guard(x: torch.Tensor):
 class LseStats(NamedTuple):
     """Per-row statistics of ``s·A·Bᵀ`` in log2 units (natural value × log2 e), float32.
 
-    ``row``: each row's logsumexp; ``col``: each column's (symmetric only, else None); ``label``:
-    each row's logit at its label column ``row + label_offset`` (0 where that is outside ``B``).
+    ``row``: each row's logsumexp as ``[n, 2]`` pairs (max, log2 of the sum below it: their sum is
+    the logsumexp); ``col``: each column's, ``[m, 2]`` (symmetric only, else None); ``label``: each
+    row's logit at its label column ``row + label_offset`` (0 where that is outside ``B``).
     """
 
     row: torch.Tensor
     col: torch.Tensor | None
     label: torch.Tensor
+
+    def label_excess(self) -> torch.Tensor:
+        """``Σ (lse − label)`` over the rows (and the columns when symmetric), the max subtracted first:
+        0 exactly for saturated pairs, whose label logit is the max."""
+        total = ((self.row[:, 0] - self.label) + self.row[:, 1]).sum()
+        if self.col is not None:
+            total = total + ((self.col[:, 0] - self.label) + self.col[:, 1]).sum()
+        return total
 
 
 def lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, symmetric: bool = False,
@@ -277,9 +298,9 @@ def lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, symmetric: boo
     a, b = _unit_stride(a), _unit_stride(b)
     (n, d), m = a.shape, b.shape[0]
     if n == 0 or m == 0:
-        col = torch.full((m,), float("-inf"), device=a.device) if symmetric else None
-        row = torch.full((n,), float("-inf"), device=a.device)
-        return LseStats(row, col, torch.zeros(n, device=a.device))
+        empty = torch.tensor([float("-inf"), 0.0], device=a.device)
+        col = empty.repeat(m, 1) if symmetric else None
+        return LseStats(empty.repeat(n, 1), col, torch.zeros(n, device=a.device))
     blk = blocks_for(a.dtype)
     grid_m = triton.cdiv(n, blk.block_m)
     # few row blocks (a rank's local rows against the global batch): split the columns too,
@@ -288,8 +309,8 @@ def lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, symmetric: boo
     splits = min(col_tiles, triton.cdiv(2 * _multiprocessors(a.device), grid_m))
     cols_per_split = triton.cdiv(col_tiles, splits) * blk.block_n
     splits = triton.cdiv(m, cols_per_split)
-    lse_part = torch.empty(splits, n, device=a.device, dtype=torch.float32)
-    colp = torch.empty(grid_m, m, device=a.device, dtype=torch.float32) if symmetric else lse_part
+    lse_part = torch.empty(splits, n, 2, device=a.device, dtype=torch.float32)
+    colp = torch.empty(grid_m, m, 2, device=a.device, dtype=torch.float32) if symmetric else lse_part
     label = torch.empty(n, device=a.device, dtype=torch.float32)
     scale = _scale_arg(scale, a.device)
     options = _launch_options(a, blk)
@@ -299,14 +320,17 @@ def lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, symmetric: boo
             lse_part.stride(0), colp.stride(0), SYMMETRIC=symmetric, **options)
         _label_logits_kernel[(grid_m,)](
             a, b, label, scale, n, m, d, label_offset, a.stride(0), b.stride(0), **options)
-    row = lse_part[0] if splits == 1 else _log2sumexp2_(lse_part)
-    return LseStats(row, _log2sumexp2_(colp) if symmetric else None, label)
+    row = lse_part[0] if splits == 1 else _merge_partials_(lse_part)
+    return LseStats(row, _merge_partials_(colp) if symmetric else None, label)
 
 
-def _log2sumexp2_(parts: torch.Tensor) -> torch.Tensor:
-    """``log2 Σ 2^x`` over dim 0, in place: the column partials reach 128 MiB at n = 64k."""
-    top = parts.amax(dim=0)
-    return parts.sub_(top).exp2_().sum(dim=0).log2_().add_(top)
+def _merge_partials_(parts: torch.Tensor) -> torch.Tensor:
+    """``[k, r, 2]`` partial (max, log2 sum) pairs → ``[r, 2]`` over dim 0, the log-sums in place (the
+    column partials reach 256 MiB at n = 64k): the new max is one of the maxes, bit for bit."""
+    top = parts[..., 0].amax(dim=0)
+    logs = parts[..., 1]
+    merged = logs.add_(parts[..., 0] - top).exp2_().sum(dim=0).log2_()
+    return torch.stack([top, merged], dim=1)
 
 
 def grad_logits(a: torch.Tensor, b: torch.Tensor, stats: LseStats, scale: torch.Tensor,

@@ -99,16 +99,20 @@ class LCLLoss(nn.Module):
             raise ValueError("LCLLoss needs either logits or (hidden, lm_head_weight)")
         if hidden.shape[0] != labels.shape[0]:
             raise ValueError(f"hidden has {hidden.shape[0]} rows but labels has {labels.shape[0]}")
-        weight = _lm_head_weight(lm_head_weight)
         if generation_live is not None and generation_live.shape != labels.shape:
             raise ValueError(
                 f"generation_live {list(generation_live.shape)} does not match labels {list(labels.shape)}"
             )
-        if generation_live is None or bool(generation_live.all()):
+        if lm_head_weight.dim() == 2 or lm_head_weight.shape[0] == 1:
+            # One micro-batch (the static shape says so: no host sync): every row carries gradients.
+            weight = lm_head_weight if lm_head_weight.dim() == 2 else lm_head_weight[0]
             return linear_cross_entropy(hidden, weight, labels, ignore_index=self.pad_id, impl=self.impl)
-        # open_clip's cached-feature accumulation: rows of other micro-batches were computed without
-        # gradients. Through logits they would reach nothing; here they must not reach the LM head's
-        # weight either, so they see a detached copy. Same mean over every labelled row as with logits.
+        # open_clip's cached-feature accumulation concatenated k micro-batches: rows of the others were
+        # computed without gradients. Through logits they would reach nothing; here they must not reach
+        # the LM head's weight either, so they see a detached copy. Same mean over every labelled row.
+        if generation_live is None:
+            raise ValueError("lm_head_weight holds several micro-batches' copies: pass generation_live too")
+        weight = _stacked_lm_head_weight(lm_head_weight)
         live, cached = generation_live, ~generation_live
         sums = [
             linear_cross_entropy(hidden[rows], w, labels[rows], ignore_index=self.pad_id, reduction="sum",
@@ -149,14 +153,10 @@ class LCLLoss(nn.Module):
         return contrastive, generation
 
 
-def _lm_head_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The LM head's ``[V, W]`` weight from what the model hands over: ``[V, W]``, or ``[k, V, W]`` with one
-    identical copy per concatenated micro-batch. The value is the first copy; the gradient reaches each
-    copy that carries one (only the micro-batch being recomputed does)."""
-    if weight.dim() == 2:
-        return weight
-    if weight.dim() != 3 or weight.shape[0] < 1:
+def _stacked_lm_head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The LM head's ``[V, W]`` weight from ``[k, V, W]``: one identical copy per concatenated micro-batch.
+    The value is the first copy; the gradient reaches each copy that carries one (only the micro-batch
+    being recomputed does)."""
+    if weight.dim() != 3:
         raise ValueError(f"lm_head_weight must be [V, W] or [k, V, W], got {list(weight.shape)}")
-    if weight.shape[0] == 1:
-        return weight[0]
     return weight[0].detach() + (weight - weight.detach()).sum(0)

@@ -141,6 +141,11 @@ class _Stats(NamedTuple):
     col: Tensor | None  # symmetric: logsumexp of each column (the other direction's rows)
     label: Tensor  # each row's logit at its label, exactly as the logsumexp saw it
 
+    def label_excess(self) -> Tensor:
+        """``Σ (lse − label)`` over the rows (and the columns when symmetric)."""
+        total = (self.row - self.label).sum()
+        return total if self.col is None else total + (self.col - self.label).sum()
+
 
 def _label_diagonal(x: Tensor, row_start: int, col_start: int, label_offset: int) -> tuple[int, int, Tensor]:
     """Label entries ``(i, i + label_offset)`` of a block ``x`` of rows ``row_start…``, columns
@@ -242,9 +247,12 @@ class _TritonTiles:
     def cols_per_chunk(a: Tensor, chunk_size: int | None) -> int:
         from lcl_fast.kernels import contrastive as kernels
 
-        if chunk_size is not None:
-            return _chunk_len(chunk_size, 1)
         block_n = kernels.blocks_for(a.dtype).block_n
+        if chunk_size is not None:
+            # Whole column tiles: the backward's tiles must be the forward's bit for bit (a tile's
+            # products may round differently at another offset, which would cost a confident pair its
+            # exact G_ii = 0, see kernels/contrastive.py).
+            return -(-_chunk_len(chunk_size, 1) // block_n) * block_n
         cols = _TRITON_CHUNK_BYTES // max(a.shape[0] * a.element_size(), 1)
         return max(block_n, cols // block_n * block_n)
 
@@ -355,8 +363,7 @@ class _ContrastiveLoss(torch.autograd.Function):
                 stats = (tiles.lse(rows_i, tiles.operand(text_cols), s, False, offset, chunk),
                          tiles.lse(rows_t, tiles.operand(image_cols), s, False, offset, chunk))
             # Σ (lse − label logit) over every row of both directions (the columns when symmetric)
-            total = sum((st.row - st.label).sum() + (0 if st.col is None else (st.col - st.label).sum())
-                        for st in stats)
+            total = sum(st.label_excess() for st in stats)
             loss = total * (tiles.log_unit / (2 * n))
         # saved as an attribute: outputs of no autograd graph, so no version checks needed
         ctx.stats = stats
@@ -467,7 +474,9 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     is initialised; none or world size 1 gives the single-process loss). ``chunk_size``: rows
     (forward) / columns (backward) of logits per step of the lean paths (default: from a memory
     budget). ``gather_with_grad``: as the reference's flag (see the module docstring).
-    The loss is float32 (float64 for float64 features on the torch path).
+    The loss is float32 (float64 for float64 features on the torch path). With no pairs (``n = 0``)
+    it is 0 with zero gradients for every ``impl``, where the reference's mean over nothing is NaN
+    (see :class:`lcl_fast.LCLLoss` for why).
     """
     _check_features(image_features, text_features)
     if chunk_size is not None and chunk_size < 1:
