@@ -11,6 +11,11 @@ TEST_DEPS = [
     "pyarrow",
     "matplotlib",
     "tensorboard",
+    # the export tests (tests/export): transformers loads the exported CLIPVisionModel. timm is not here: it
+    # requires torchvision, and PyPI's torchvision wheels pin a CUDA build of torch that would replace a
+    # CPU torch (and break against it); the timm tests skip without it.
+    "transformers>=4.37",
+    "safetensors>=0.4",
 ]
 
 setup(
@@ -33,6 +38,7 @@ setup(
         "lcl_fast.data",
         "lcl_fast.model_configs",
         "lcl_fast.training",
+        "lcl_fast.export",
         "lcl_fast.kernels",
     ],
     package_dir={"lcl_fast.kernels": "kernels"},
@@ -58,6 +64,7 @@ setup(
         "obelics": ["pyarrow"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
+        "export": ["transformers>=4.37", "timm>=1.0.16", "safetensors>=0.4"],
         "dev": TEST_DEPS,
     },
     entry_points={"console_scripts": ["lcl-fast-train=lcl_fast.train:main"]},
