@@ -39,6 +39,9 @@ class MultiheadSelfAttention(nn.MultiheadAttention):
         self.width = width
         self.heads = heads
         self.impl = check_impl(impl)
+        # out_proj drawn once more, as lcl-fast 0.1 did: a seed gives the same model as before
+        self.out_proj.reset_parameters()
+        nn.init.zeros_(self.out_proj.bias)
 
     def reset_parameters(self) -> None:
         """The initialisation of ``torch.nn.MultiheadAttention``."""
