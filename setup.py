@@ -11,6 +11,7 @@ TEST_DEPS = [
     "pyarrow",
     "matplotlib",
     "tensorboard",
+    "pycocoevalcap",
 ]
 
 setup(
@@ -33,6 +34,7 @@ setup(
         "lcl_fast.data",
         "lcl_fast.model_configs",
         "lcl_fast.training",
+        "lcl_fast.eval",
         "lcl_fast.kernels",
     ],
     package_dir={"lcl_fast.kernels": "kernels"},
@@ -56,6 +58,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "obelics": ["pyarrow"],
+        "eval": ["pycocoevalcap"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "dev": TEST_DEPS,
