@@ -208,13 +208,14 @@ def train_probe(
     if n == 0 or len(val["labels"]) == 0:
         raise ValueError("the probe needs training and validation images")
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     device = torch.device(device)
-    if probe == "attentive":
-        head: nn.Module = AttentiveProbe(x_train.shape[-1], num_classes)
-    else:
-        pooled = _as_tensor(x_train).float()
-        head = LinearProbe(pooled.shape[-1], num_classes, pooled.mean(0), pooled.std(0).clamp_min(1e-6))
+    with torch.random.fork_rng(devices=[]):  # a seeded head, the caller's random state untouched
+        torch.manual_seed(seed)
+        if probe == "attentive":
+            head: nn.Module = AttentiveProbe(x_train.shape[-1], num_classes)
+        else:
+            pooled = _as_tensor(x_train).float()
+            head = LinearProbe(pooled.shape[-1], num_classes, pooled.mean(0), pooled.std(0).clamp_min(1e-6))
     head = head.to(device)
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = max(1, epochs * steps_per_epoch)
@@ -235,18 +236,19 @@ def train_probe(
 
         bar = tqdm(total=total, desc=f"{probe} probe", unit="step", dynamic_ncols=True, leave=False)
     head.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            xb, rows = batch(x_train, perm[start : start + batch_size])
-            yb = y_train[torch.as_tensor(rows)].to(device)
-            loss = F.cross_entropy(head(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if bar is not None:
-                bar.update(1)
+    with torch.enable_grad():  # callers may evaluate under no_grad; the probe itself learns
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                xb, rows = batch(x_train, perm[start : start + batch_size])
+                yb = y_train[torch.as_tensor(rows)].to(device)
+                loss = F.cross_entropy(head(xb), yb)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if bar is not None:
+                    bar.update(1)
     if bar is not None:
         bar.close()
     head.eval()
