@@ -152,7 +152,9 @@ class _State:
             self.cache.reorder(rows)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        """``[B, V]`` logits, at least float32: a fresh tensor, which the callers mask in place."""
+        logits = self.model.lm_head(hidden)
+        return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
     def prefill(self) -> torch.Tensor:
         """Log-probabilities ``[B, V]`` of the first new token."""
@@ -191,25 +193,27 @@ def _suppressed(model) -> list[int]:
 
 
 def _log_probs(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
-    logits = logits.clone()
     logits[:, banned] = float("-inf")
     return torch.log_softmax(logits, dim=-1)
 
 
 # ---------------------------------------------------------------------- decoding
 def _greedy(state: _State, max_new_tokens: int, eot: int, pad: int, banned: list[int]) -> list[list[int]]:
-    logp = _log_probs(state.prefill(), banned)
-    batch = logp.shape[0]
-    finished = torch.zeros(batch, dtype=torch.bool, device=logp.device)
+    def best(logits: torch.Tensor) -> torch.Tensor:  # argmax of the logits is argmax of the log-probabilities
+        logits[:, banned] = float("-inf")
+        return logits.argmax(-1)
+
+    nxt = best(state.prefill())
+    batch = nxt.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=nxt.device)
     out: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        nxt = logp.argmax(-1)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out.append(nxt)
         finished |= nxt == eot
         if step + 1 == max_new_tokens or bool(finished.all()):
             break
-        logp = _log_probs(state.step(nxt), banned)
+        nxt = best(state.step(nxt))
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(batch)]
     return [r[: r.index(eot) + 1] if eot in r else r for r in rows]
 
