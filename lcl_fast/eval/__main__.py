@@ -170,8 +170,10 @@ def run_zeroshot(args) -> dict:
     from .zeroshot import evaluate_zero_shot
 
     model, tokenizer, _, autocast = load_model(args)
-    out = evaluate_zero_shot(model, tokenizer, args.imagenet_val, templates=args.templates,
-                             batch_size=args.batch_size, autocast=autocast, decoder="pil")  # fmt: skip
+    out = evaluate_zero_shot(
+        model, tokenizer, args.imagenet_val, templates=args.templates, batch_size=args.batch_size,
+        autocast=autocast, decoder="pil", progress=not args.no_progress,
+    )  # fmt: skip
     k = min(5, out["zeroshot_classes"])
     print_table(f"zero-shot classification on {args.imagenet_val}", [
         ("top-1", out["zeroshot_top1"]), (f"top-{k}", out[f"zeroshot_top{k}"]), ("chance", out["zeroshot_chance"]),

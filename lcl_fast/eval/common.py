@@ -238,9 +238,9 @@ def load_model(args: argparse.Namespace):
 def print_table(title: str, rows: Sequence[tuple[str, object]]) -> None:
     """A two-column table on stdout."""
     shown = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in rows]
-    width = max([len(k) for k, _ in shown] + [len(title)])
-    lines = [title, "-" * (width + 2 + max([len(v) for _, v in shown], default=0))]
-    lines += [f"{k:<{width}}  {v}" for k, v in shown]
+    width = max([len(k) for k, _ in shown], default=0)
+    rule = "-" * (width + 2 + max([len(v) for _, v in shown], default=0))
+    lines = [title, rule, *[f"{k:<{width}}  {v}" for k, v in shown]]
     print("\n".join(lines), flush=True)
 
 

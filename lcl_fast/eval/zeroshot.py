@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .common import Autocast, EvalInputError, device_of, encode_images, encode_texts, image_folder, log
+from .common import Autocast, EvalInputError, device_of, encode_images, encode_texts, image_folder, log, progress_bar
 
 # The CLIP paper's prompt ensemble for ImageNet (80 templates).
 OPENAI_IMAGENET_TEMPLATES = tuple(
@@ -202,6 +202,7 @@ def evaluate_zero_shot(
     autocast: Autocast = nullcontext,
     decoder: str = "auto",
     max_images: Optional[int] = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Top-1/top-5 zero-shot accuracy on an ImageNet-style folder. Under torch.distributed each rank
     takes a share of the images (every rank must call it)."""
@@ -224,6 +225,7 @@ def evaluate_zero_shot(
     device = device_of(model)
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, images, skipped
     k = min(5, len(names))
+    bar = progress_bar(len(idx), "zero-shot") if progress else None
     for start in range(0, len(idx), batch_size):
         chunk, ok = (
             idx[start : start + batch_size],
@@ -239,6 +241,10 @@ def evaluate_zero_shot(
         counts[0] += ((top[:, 0] == target) & ok).sum()
         counts[1] += ((top == target[:, None]).any(1) & ok).sum()
         counts[2] += ok.sum()
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     if distributed:
         dist.all_reduce(counts)
     hits1, hits5, n, skipped = counts.tolist()
