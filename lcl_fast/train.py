@@ -188,7 +188,7 @@ def build_trainer(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> tuple[Trai
     if cfg.torchcompile:
         wrapped = torch.compile(wrapped)
     recorder = RunRecorder(run_dir, env, tensorboard=cfg.report_to == "tensorboard", progress=cfg.progress)
-    evaluator = RunEvaluator(cfg, env, wrapped, tokenizer, autocast, recorder, steps_per_epoch)
+    evaluator = RunEvaluator(cfg, env, wrapped, tokenizer, autocast, recorder, steps_per_epoch, total_steps)
     trainer = Trainer(
         cfg, env, wrapped, build_loss(cfg, env), optimizer, scheduler, scaler, loader, recorder, run_dir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, autocast=autocast, evaluate=evaluator,

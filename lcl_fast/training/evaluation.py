@@ -8,12 +8,14 @@ that a resumed run sees the same data as an uninterrupted one.
 On the built-in corpus, before and after training also measure what the paper measures, on a
 small scale (a few seconds): an attentive probe's top-1 on the corpus's colour × shape classes
 and the CIDEr of greedy captions of the held-out pairs (rank 0 only; not under FSDP, whose
-sharded text blocks the decoder cannot read).
+sharded text blocks the decoder cannot read), for runs of at least ``TRANSFER_MIN_STEPS`` steps:
+a before/after comparison of a handful of steps says nothing and would only slow them down.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
@@ -21,6 +23,8 @@ from . import distributed as D
 from .config import TrainConfig
 from .logging_utils import RunRecorder, log
 from .loop import preserved_rng
+
+TRANSFER_MIN_STEPS = 100
 
 
 def _due(epoch: int, frequency: int) -> bool:
@@ -39,6 +43,7 @@ class RunEvaluator:
         autocast,
         recorder: RunRecorder,
         steps_per_epoch: int,
+        total_steps: Optional[int] = None,
     ):
         from ..data import build_eval_pairs
 
@@ -53,6 +58,8 @@ class RunEvaluator:
                 num_pairs=cfg.val_pairs,
                 device=env.device,
             )
+        long_enough = total_steps is None or total_steps >= TRANSFER_MIN_STEPS
+        self.transfer = self.pairs is not None and env.is_main and not cfg.fsdp and long_enough
 
     def __call__(self, step: int, when: str) -> dict:
         from .. import eval as E
@@ -85,7 +92,7 @@ class RunEvaluator:
                 results.update(
                     E.evaluate_zero_shot(module, self.tokenizer, cfg.imagenet_val, autocast=self.autocast)
                 )
-            if self.pairs is not None and when in ("before", "after") and self.env.is_main and not cfg.fsdp:
+            if self.transfer and when in ("before", "after"):
                 results.update(self._transfer(module))
             module.train()
         results["eval_seconds"] = time.perf_counter() - t0
