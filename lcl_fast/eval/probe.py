@@ -8,7 +8,8 @@
 
 Frozen features are computed once per (checkpoint, data) and cached on disk
 (``$LCL_FAST_CACHE/probe_features/<key>/``: ``tokens.npy`` float16 ``[N, P, W]``, ``pooled.npy``,
-``labels.npy``), read back memory-mapped. The key hashes the model config, the checkpoint's path,
+``labels.npy``), written and read back memory-mapped (the features of a large set need not fit
+in memory). The key hashes the model config, the checkpoint's path,
 size and modification time, the image size and every image's path, size and modification time.
 Training: AdamW, cosine schedule with a short linear warm-up, cross-entropy.
 """
@@ -99,48 +100,77 @@ def extract_features(
     if model_id is not None and cache_dir is not None:
         folder = Path(cache_dir) / feature_cache_key(model_id, files, labels, size)
         if (folder / "meta.json").is_file():
-            meta = json.loads((folder / "meta.json").read_text())
-            return {
-                "tokens": np.load(folder / "tokens.npy", mmap_mode="r"),
-                "pooled": np.load(folder / "pooled.npy"),
-                "labels": np.load(folder / "labels.npy"),
-                "skipped": meta["skipped"],
-                "cached": True,
-            }
+            return _load_cached(folder, cached=True)
     device = device_of(model)
     batches, skipped = load_images(
         files, size, batch_size=batch_size, workers=workers, device=device, progress=progress
     )
-    kept, toks, pools = [], [], []
-    for idx, images in batches:
-        t, p = frozen_features(model, images, autocast)
-        kept.append(idx)
-        toks.append(t.cpu().numpy())
-        pools.append(p.cpu().numpy())
-    if not kept:
-        raise EvalInputError(f"none of the {len(files)} images could be decoded (first: {files[0] if files else None})")
-    order = torch.cat(kept).numpy()
-    out = {
-        "tokens": np.concatenate(toks),
-        "pooled": np.concatenate(pools),
-        "labels": np.asarray(labels, dtype=np.int64)[order],
-        "skipped": skipped["image_decode"],
-        "cached": False,
-    }
+    tmp = None
     if folder is not None:  # written aside, then renamed: a concurrent reader never sees half a cache
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        kept, toks, pools = [], [], []
+        filled = 0
+        for idx, images in batches:
+            t, p = (a.cpu().numpy() for a in frozen_features(model, images, autocast))
+            kept.append(idx)
+            if tmp is None:
+                toks.append(t)
+                pools.append(p)
+            else:  # straight to disk, memory-mapped: the features of a large set need not fit in memory
+                if not toks:
+                    toks.append(
+                        np.lib.format.open_memmap(tmp / "tokens.npy", "w+", np.float16, (len(files), *t.shape[1:]))
+                    )
+                    pools.append(
+                        np.lib.format.open_memmap(tmp / "pooled.npy", "w+", np.float32, (len(files), p.shape[1]))
+                    )
+                toks[0][filled : filled + len(t)] = t
+                pools[0][filled : filled + len(p)] = p
+            filled += len(t)
+        if not kept:
+            raise EvalInputError(
+                f"none of the {len(files)} images could be decoded (first: {files[0] if files else None})"
+            )
+        order = torch.cat(kept).numpy()
+        out_labels = np.asarray(labels, dtype=np.int64)[order]
+        if tmp is None:
+            return {
+                "tokens": np.concatenate(toks),
+                "pooled": np.concatenate(pools),
+                "labels": out_labels,
+                "skipped": skipped["image_decode"],
+                "cached": False,
+            }
+        for arr in (*toks, *pools):
+            arr.flush()
+        del toks, pools
+        np.save(tmp / "labels.npy", out_labels)
+        meta = {"skipped": skipped["image_decode"], "n": filled, "model": model_id}
+        (tmp / "meta.json").write_text(json.dumps(meta))
         try:
-            for name in ("tokens", "pooled", "labels"):
-                np.save(tmp / f"{name}.npy", out[name])
-            (tmp / "meta.json").write_text(json.dumps({"skipped": out["skipped"], "model": model_id, "n": len(order)}))
             os.rename(tmp, folder)
         except OSError:
-            if not (folder / "meta.json").is_file():
+            if not (folder / "meta.json").is_file():  # not another process's finished cache: a real error
                 raise
-        finally:
+    finally:
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _load_cached(folder, cached=False)
+
+
+def _load_cached(folder: Path, cached: bool) -> dict:
+    """A feature cache folder, memory-mapped (rows past ``n`` belong to skipped images: never written)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    n = meta["n"]
+    return {
+        "tokens": np.load(folder / "tokens.npy", mmap_mode="r")[:n],
+        "pooled": np.load(folder / "pooled.npy", mmap_mode="r")[:n],
+        "labels": np.load(folder / "labels.npy"),
+        "skipped": meta["skipped"],
+        "cached": cached,
+    }
 
 
 # ---------------------------------------------------------------------- probes

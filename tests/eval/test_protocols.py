@@ -198,9 +198,11 @@ def test_bad_input_names_the_file(probe_folders, karpathy, coco_captions, tmp_pa
 def test_undecodable_images_are_skipped_and_counted(probe_folders, coco_captions, tmp_path):
     train, val = probe_folders
     (val / "red" / "broken.png").write_bytes(b"\x89PNG not really")
-    out = main(["probe", "--train-folder", str(train), "--val-folder", str(val), "--no-cache", "--epochs", "1",
-                *FAST])  # fmt: skip
-    assert out["skipped"] == 1 and out["num_val"] == 6
+    for cache in (["--no-cache"], ["--cache-dir", str(tmp_path / "c")], ["--cache-dir", str(tmp_path / "c")]):
+        out = main(["probe", "--train-folder", str(train), "--val-folder", str(val), *cache, "--epochs", "1",
+                    *FAST])  # fmt: skip
+        assert out["skipped"] == 1 and out["num_val"] == 6  # computed, written to the cache, read from it
+    assert out["features_cached"]
     zs = main(["zeroshot", "--imagenet-val", str(val), "--templates", "simple", *FAST])
     assert zs["zeroshot_skipped"] == 1 and zs["zeroshot_images"] == 6
     path, images = coco_captions
