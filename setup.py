@@ -16,6 +16,7 @@ TEST_DEPS = [
     # CPU torch (and break against it); the timm tests skip without it.
     "transformers>=4.37",
     "safetensors>=0.4",
+    "pycocoevalcap",
 ]
 
 setup(
@@ -39,6 +40,7 @@ setup(
         "lcl_fast.model_configs",
         "lcl_fast.training",
         "lcl_fast.export",
+        "lcl_fast.eval",
         "lcl_fast.kernels",
     ],
     package_dir={"lcl_fast.kernels": "kernels"},
@@ -62,6 +64,7 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "obelics": ["pyarrow"],
+        "eval": ["pycocoevalcap"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "export": ["transformers>=4.37", "timm>=1.0.16", "safetensors>=0.4"],

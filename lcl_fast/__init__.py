@@ -1,6 +1,7 @@
 """lcl-fast: Latent Compression Learning, the reference's mathematics, faster and leaner.
 
-Public API: :class:`LCL`, :class:`LCLLoss`, :func:`create_model`, :func:`get_tokenizer` and the
+Public API: :class:`LCL`, :class:`LCLLoss`, :func:`create_model`, :func:`get_tokenizer`,
+:func:`caption`/:func:`generate` (text from LCL's language model) and the
 functional ops :func:`contrastive_loss`, :func:`interleaved_attention`, :func:`linear_cross_entropy`.
 Names are imported on first use, so ``import lcl_fast`` stays cheap.
 """
@@ -23,6 +24,8 @@ _EXPORTS = {
     "contrastive_loss": "lcl_fast.ops.contrastive",
     "interleaved_attention": "lcl_fast.ops.attention",
     "linear_cross_entropy": "lcl_fast.ops.linear_cross_entropy",
+    "caption": "lcl_fast.generation",
+    "generate": "lcl_fast.generation",
 }
 
 __all__ = sorted(_EXPORTS)

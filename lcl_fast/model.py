@@ -265,3 +265,20 @@ class LCL(nn.Module):
         else:
             out["logits"] = self.lm_head(gen_hidden)
         return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        prompt_ids: Optional[Any] = None,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Token ids ``[B, T]`` generated after each image (and prompt); see :mod:`lcl_fast.generation`."""
+        from .generation import generate
+
+        return generate(
+            self, images, prompt_ids, max_new_tokens=max_new_tokens, num_beams=num_beams, use_cache=use_cache
+        )

@@ -1,9 +1,10 @@
 """Pre-train LCL: ``python -m lcl_fast.train`` or ``torchrun --nproc_per_node=N -m lcl_fast.train``.
 
 Without arguments it is a demo: it builds the built-in synthetic corpus (once), trains a tiny
-LCL on it, measures zero-shot retrieval on held-out pairs before and after, and prints a short
-summary. The flags follow open_clip's trainer (``--help`` lists them); multi-node runs use the
-same command under torchrun's rendezvous::
+LCL on it, measures zero-shot retrieval on held-out pairs, an attentive probe's top-1 (colour ×
+shape) and the CIDEr of generated captions before and after, and prints a short summary. The
+flags follow open_clip's trainer (``--help`` lists them); multi-node runs use the same command
+under torchrun's rendezvous::
 
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK \\
         --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:29500 -m lcl_fast.train --model ... --train-data ...
@@ -187,7 +188,7 @@ def build_trainer(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> tuple[Trai
     if cfg.torchcompile:
         wrapped = torch.compile(wrapped)
     recorder = RunRecorder(run_dir, env, tensorboard=cfg.report_to == "tensorboard", progress=cfg.progress)
-    evaluator = RunEvaluator(cfg, env, wrapped, tokenizer, autocast, recorder, steps_per_epoch)
+    evaluator = RunEvaluator(cfg, env, wrapped, tokenizer, autocast, recorder, steps_per_epoch, total_steps)
     trainer = Trainer(
         cfg, env, wrapped, build_loss(cfg, env), optimizer, scheduler, scaler, loader, recorder, run_dir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, autocast=autocast, evaluate=evaluator,

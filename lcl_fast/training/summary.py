@@ -46,6 +46,11 @@ def summarize(
         "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
         "stopped_by": stopped,
     }
+    for key in ("probe_top1", "cider"):  # the demo run's transfer measures (built-in corpus)
+        if key in before or key in after:
+            summary[f"{key}_before"], summary[f"{key}_after"] = before.get(key), after.get(key)
+    if "caption_examples" in after:
+        summary["caption_examples"] = after["caption_examples"]
     if "zeroshot_top1" in after:
         summary["zeroshot_top1_after"] = after["zeroshot_top1"]
     return summary
@@ -68,6 +73,16 @@ def print_summary(summary: dict, run_dir: Path) -> None:
             f"{pct(summary['retrieval_top1_after'])}  (chance {pct(summary['chance'])}, "
             f"{summary['retrieval_before'].get('num_pairs')} pairs)"
         )
+    if "probe_top1_before" in summary:
+        lines.append(
+            f"  attentive probe top-1 (colour x shape): {pct(summary['probe_top1_before'])} -> "
+            f"{pct(summary['probe_top1_after'])}  (chance {pct(summary['retrieval_before'].get('probe_chance'))})"
+        )
+    if "cider_before" in summary:
+        num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"  held-out captions CIDEr: {num(summary['cider_before'])} -> {num(summary['cider_after'])}")
+    for generated, reference in summary.get("caption_examples", []):
+        lines.append(f"    caption: {generated!r}  (reference: {reference!r})")
     if "zeroshot_top1_after" in summary:
         lines.append(f"  zero-shot top-1: {pct(summary['zeroshot_top1_after'])}")
     lines.append(f"  throughput: {summary['samples_per_s']:.0f} samples/s; skipped: {summary['skipped']}")
