@@ -142,7 +142,8 @@ def test_encode_text_context_length_as_the_reference():
     assert torch.equal(ids, before), "encode_text must not modify its input"
     assert default.shape == cut.shape == (2, 64)
     torch.testing.assert_close(cut, want, rtol=0, atol=0)
-    torch.testing.assert_close(cut[0], default[0], rtol=0, atol=0)  # 8 tokens: the cut leaves it alone
+    # 8 tokens: the cut leaves the short row's feature where it was (float32 rounding of other shapes aside)
+    torch.testing.assert_close(cut[0], default[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(cut[1], default[1])  # the long row's feature moved from slot 63 to slot 9
     with pytest.raises(ValueError, match="context_length"):
         model.encode_text(ids, context_length=0)
