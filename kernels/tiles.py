@@ -7,12 +7,16 @@ else, so the launchers (which read the live device's target) and the ahead-of-ti
 (``python -m benchmarks.aot_audit``, which compiles for :data:`AOT_TARGETS` without a GPU) use
 the very same choice. Nothing here touches a device at import time.
 
-How the tables were chosen: every candidate compiled with Triton 3.9's bundled ptxas for sm_80,
-sm_86 and sm_90 at head dims 64 and 128 with every mask flag on (the most live registers); the
-first entry of each list is the largest tile with no register spills on that family, the others
-are autotuning alternatives. Each list is then filtered by :func:`attention_shared_bytes`, an
-upper bound on what Triton allocates, against the target's limit: on sm_86/89 (99 KiB) the
-deeper pipelines of sm_80 (163 KiB) and sm_90 (227 KiB) drop out by themselves.
+How the tables were chosen: candidates compiled with Triton 3.9's bundled ptxas for sm_80,
+sm_86 and sm_90 at head dims 64 and 128 with every mask flag on (the most live registers). On
+sm_80/86/89 (mma.sync: both operands and the float32 accumulators in registers, 255 per thread
+at most) the default tiles compile without spills and with registers to spare (at most 240 at
+head dim 64, where sm_90's tiles hit 255 and spill); sm_90 (wgmma, operands in shared memory)
+keeps the tiles it was tuned for. The others in each list are autotuning alternatives. Every
+list is filtered by :func:`attention_shared_bytes`, an upper bound on what Triton allocates,
+against the target's limit: on sm_86/89 (99 KiB) the deeper pipelines that sm_80 (163 KiB) and
+sm_90 (227 KiB) afford drop out by themselves. ``benchmarks/aot_audit.json`` holds what the
+compiler reported for the defaults on all four targets.
 """
 
 from __future__ import annotations

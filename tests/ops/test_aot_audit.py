@@ -167,3 +167,25 @@ def test_live_comparison_reports_matches_and_differences(tmp_path, capsys):
     assert "DIFFERS" in capsys.readouterr().out
     # a GPU that was not audited: shown against the nearest target, not a failure
     assert aot_audit.compare_live(str(path), live=tiles.Target(87, 166912)) == 0
+
+
+@needs_triton
+def test_live_target_is_read_from_the_device_properties(monkeypatch):
+    from types import SimpleNamespace
+
+    from lcl_fast.kernels import tiles
+
+    calls = []
+
+    def props(index):
+        calls.append(index)
+        return SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=101376)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    tiles._live_target.cache_clear()
+    try:
+        assert tiles.device_target(torch.device("cuda", 1)) == tiles.AOT_TARGETS["sm_86"]
+        assert tiles.device_target(1) == tiles.AOT_TARGETS["sm_86"]
+        assert calls == [1]  # once per device
+    finally:
+        tiles._live_target.cache_clear()
