@@ -392,6 +392,20 @@ def _live_config(case: dict, live) -> dict:
     return linear_cross_entropy.gpu_blocks(live, name, case["dtype"], case["dim"])
 
 
+def _ptxas_version(arch: int) -> str:
+    """The release (``V12.9.86``) of the bundled ptxas Triton uses for ``arch``, or why it is unknown."""
+    import subprocess
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        out = subprocess.run([get_ptxas(arch).path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        found = re.search(r"V(\d+\.\d+\.\d+)", out)
+        return found.group(0) if found else out.strip()[-60:]
+    except Exception as exc:  # the version is a label: never fail the audit for it
+        return f"unknown ({type(exc).__name__})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.aot_audit", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="OUT", help="write the records (and the summary) to this file")
@@ -419,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import triton
 
-        meta = {"triton": triton.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        ptxas = {name: _ptxas_version(tiles.AOT_TARGETS[name].arch) for name in sorted({r["target"] for r in records})}
+        meta = {"triton": triton.__version__, "ptxas": ptxas,
+                "date": time.strftime("%Y-%m-%d", time.gmtime()),
                 "quick": args.quick, "wall_s": round(time.perf_counter() - start, 1), "problems": found}
         with open(args.json, "w") as f:
             f.write(json.dumps({"meta": meta, "summary": table}, indent=1)[:-2])
