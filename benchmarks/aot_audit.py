@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="write the records (and the summary) to this file")
     parser.add_argument("--quick", action="store_true", help="the CI subset: sm_80/86/90, bf16, D 64, d 768")
     parser.add_argument("--targets", help="comma-separated subset of sm_80,sm_86,sm_89,sm_90")
+    parser.add_argument("--only", help="comma-separated kernel families to compile (attention,contrastive,lm_head)")
+    parser.add_argument("--merge", metavar="OLD_JSON",
+                        help="with --only: keep OLD_JSON's records of the other families (re-audit one family)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--live", action="store_true", help="compare the live GPU's choices with --compare")
     parser.add_argument("--compare", metavar="AUDIT_JSON", default="benchmarks/aot_audit.json")
@@ -424,8 +427,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in targets or ():
         if name not in tiles.AOT_TARGETS:
             parser.error(f"--targets: unknown target {name!r}; known: {', '.join(tiles.AOT_TARGETS)}")
+    only = set(args.only.split(",")) if args.only else None
+    if only and not only <= {"attention", "contrastive", "lm_head"}:
+        parser.error(f"--only: unknown families {sorted(only - {'attention', 'contrastive', 'lm_head'})}")
+    if args.merge and not only:
+        parser.error("--merge needs --only (the families to compile again)")
     start = time.perf_counter()
-    records = run(cases(quick=args.quick, targets=targets), args.jobs)
+    todo = [c for c in cases(quick=args.quick, targets=targets) if not only or c["kernel"].split(".")[0] in only]
+    records = run(todo, args.jobs)
+    if args.merge:
+        with open(args.merge) as f:
+            kept = [r for r in json.load(f)["records"] if r["kernel"].split(".")[0] not in only]
+        records = kept + records
     found = problems(records)
     table = summary(records)
     print(table)
@@ -437,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"triton": triton.__version__, "ptxas": ptxas,
                 "date": time.strftime("%Y-%m-%d", time.gmtime()),
                 "quick": args.quick, "wall_s": round(time.perf_counter() - start, 1), "problems": found}
+        if args.merge:
+            meta["merged"] = f"{sorted(only)} compiled now; the other families' records from {args.merge}"
         with open(args.json, "w") as f:
             f.write(json.dumps({"meta": meta, "summary": table}, indent=1)[:-2])
             f.write(',\n "records": [\n' + ",\n".join(json.dumps(r, sort_keys=True) for r in records) + "\n ]\n}\n")
