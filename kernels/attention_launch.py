@@ -8,7 +8,8 @@ Tiles: autotuned on the GPU per (L, head dim, mask flags, dtype) over the candid
 :func:`lcl_fast.kernels.tiles.attention_candidates` keeps for the device's compute capability
 and shared memory (pruned before anything compiles); ``LCL_FAST_ATTENTION_AUTOTUNE=0`` runs the
 first of them (:func:`~lcl_fast.kernels.tiles.attention_tile`), the tile the ahead-of-time audit
-checks.
+checks. Triton's autotuner caches its pick per key, not per device: a process driving two
+different GPU models should set ``LCL_FAST_ATTENTION_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
