@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # GPU check, in one call of under 10 minutes on one H100/H200-class GPU:
+#   0. the tiles the launchers pick on this GPU, against the ahead-of-time audit's record for its
+#      target (benchmarks/aot_audit.json, from `python -m benchmarks.aot_audit`);
 #   1. the kernels' correctness tests, compiled (TRITON_INTERPRET=0: no interpreter);
 #   2. the full-scale benchmarks (LCL_BENCH_SCALE=full), most important groups first;
 #   3. the report: RESULTS.md + contrastive_memory.png from the benchmark JSON.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: $OUT, else benchmarks/gpu_results
 #
-# OUT_DIR receives env.txt, tests.log, bench.log, bench.json, RESULTS.md, contrastive_memory.png.
+# OUT_DIR receives env.txt, configs.txt, tests.log, bench.log, bench.json, RESULTS.md, contrastive_memory.png.
 # Publish with: cp OUT_DIR/RESULTS.md OUT_DIR/contrastive_memory.png benchmarks/
 # Time budgets (seconds) are overridable: LCL_GPU_TEST_BUDGET_S (150), LCL_GPU_BENCH_BUDGET_S (360),
 # and LCL_GPU_TESTS (the test paths, default tests/ops). Exit status: the tests' status, else the
@@ -50,6 +52,10 @@ if ! $PY -c "import pytest_benchmark" 2>/dev/null; then
     echo "pytest-benchmark is not installed: the benchmarks cannot run (pip install pytest-benchmark)"
 fi
 
+echo "== 0/3 tiles chosen on this device vs the ahead-of-time audit (benchmarks/aot_audit.json)"
+$PY -m benchmarks.aot_audit --live --compare benchmarks/aot_audit.json 2>&1 | tee "$OUT_DIR/configs.txt"
+configs_rc=${PIPESTATUS[0]}
+
 echo "== 1/3 kernel correctness tests, compiled ($TESTS, budget ${TEST_BUDGET}s)"
 # shellcheck disable=SC2086
 timeout -s INT -k 15 "$TEST_BUDGET" $PY -m pytest $TESTS -q -rfEs -p no:cacheprovider $TEST_LIMIT \
@@ -76,7 +82,7 @@ if [ -s "$OUT_DIR/bench.json" ]; then
     report_rc=$?
     cat "$OUT_DIR/RESULTS.md"
 fi
-echo "tests exit ${tests_rc}, benchmarks exit ${bench_rc}, report exit ${report_rc}"
+echo "tiles vs audit exit ${configs_rc} (informational), tests exit ${tests_rc}, benchmarks exit ${bench_rc}, report exit ${report_rc}"
 for rc in "$tests_rc" "$bench_rc" "$report_rc"; do
     [ "$rc" -ne 0 ] && exit "$rc"
 done

@@ -30,10 +30,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _program_ids(H, L):
-    """(tile index, batch, head, start of the (batch, head) row in ``[B, H, L]`` tensors) of a program."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+def _program_ids(H, L, BLOCK: tl.constexpr):
+    """(tile index, batch, head, start of the (batch, head) row in ``[B, H, L]`` tensors) of a program.
+
+    The grid is 1-D, ``ceil(L / BLOCK) * B * H`` programs with the tile index fastest: grid
+    dimension 1 would cap B·H at 65535.
+    """
+    n_tiles = tl.cdiv(L, BLOCK)
+    pid_all = tl.program_id(0)
+    pid = pid_all % n_tiles
+    pid_bh = pid_all // n_tiles
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     return pid, off_b, off_h, pid_bh.to(tl.int64) * L
@@ -272,7 +278,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, HAS_IMG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m, off_b, off_h, off_row = _program_ids(H, L)
+    pid_m, off_b, off_h, off_row = _program_ids(H, L, BLOCK_M)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     HAS_META: tl.constexpr = HAS_DOC or HAS_IMG
     start_m = pid_m * BLOCK_M
@@ -326,7 +332,7 @@ def _attn_bwd_delta(Out, DO, DELTA,
                     stride_gb, stride_gh, stride_gl, stride_gd,
                     H, L, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O), float32 [B, H, L]."""
-    pid_m, off_b, off_h, off_row = _program_ids(H, L)
+    pid_m, off_b, off_h, off_row = _program_ids(H, L, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < L) & (offs_d[None, :] < HEAD_DIM)
@@ -407,7 +413,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, HAS_IMG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n, off_b, off_h, off_row = _program_ids(H, L)
+    pid_n, off_b, off_h, off_row = _program_ids(H, L, BLOCK_N)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     HAS_META: tl.constexpr = HAS_DOC or HAS_IMG
     start_n = pid_n * BLOCK_N
@@ -512,7 +518,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, HAS_IMG: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m, off_b, off_h, off_row = _program_ids(H, L)
+    pid_m, off_b, off_h, off_row = _program_ids(H, L, BLOCK_M)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     HAS_META: tl.constexpr = HAS_DOC or HAS_IMG
     start_m = pid_m * BLOCK_M

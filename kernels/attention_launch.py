@@ -4,8 +4,12 @@
 (O(B L) work, no host sync); ``attention_forward`` / ``attention_backward`` check shapes,
 pick the tiles and launch.
 
-Tiles: autotuned on the GPU per (L, head dim, mask flags, dtype) over a few sm_90 candidates;
-``LCL_FAST_ATTENTION_AUTOTUNE=0`` uses the first candidate that fits shared memory instead.
+Tiles: autotuned on the GPU per (L, head dim, mask flags, dtype) over the candidates that
+:func:`lcl_fast.kernels.tiles.attention_candidates` keeps for the device's compute capability
+and shared memory (pruned before anything compiles); ``LCL_FAST_ATTENTION_AUTOTUNE=0`` runs the
+first of them (:func:`~lcl_fast.kernels.tiles.attention_tile`), the tile the ahead-of-time audit
+checks. Triton's autotuner caches its pick per key, not per device: a process driving two
+different GPU models should set ``LCL_FAST_ATTENTION_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Optional
 
 import torch
 import triton
+from lcl_fast.kernels import tiles
 from lcl_fast.kernels.attention import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
 
 from lcl_fast._impl import triton_interpreter
@@ -110,38 +115,33 @@ def prepare_metadata(
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TUNE_KEY = ["L", "HEAD_DIM", "IS_CAUSAL", "HAS_DOC", "HAS_IMG"]
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M is the query tile, BLOCK_N the key tile.
-# Candidates for sm_90 at head dims 64 / 128; ptxas (bundled, sm_90, bf16) reports no register
-# spills for the 8-warp tiles at head dim 64; the autotuner drops the slow ones at run time.
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3),
-                (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3)]
-_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 64, 4, 4), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2),
-                 (32, 64, 8, 3), (64, 64, 4, 3)]
-_DQ_CONFIGS = [(128, 64, 8, 3), (64, 32, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3),
-               (64, 64, 8, 3)]
-_CONFIGS = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 # the interpreter runs numpy per tile op: one fixed, moderate tile keeps the tests quick
 _INTERPRETER_BLOCKS = (32, 32)
 
 
-def _smem_ok(kind: str, block_m: int, block_n: int, stages: int, head_dim: int, itemsize: int) -> bool:
-    """Rough shared-memory check (Hopper: 228 KiB per SM) to prune configs before compiling.
+def _autotune_space() -> list[tiles.AttnTile]:
+    """Every tile any target may try: the autotuner prunes it per device before compiling."""
+    space: list[tiles.AttnTile] = [tiles.SMALLEST_ATTN_TILE]
+    for target in tiles.AOT_TARGETS.values():
+        for kind in _KERNELS:
+            for dtype in _DTYPES:
+                for head_dim in (32, 64, 128, 256):
+                    space += [t for t in tiles.attention_candidates(target, kind, dtype, head_dim) if t not in space]
+    return space
 
-    The resident tile is loaded once; the two streamed tiles (k, v or q, dO) are buffered
-    ``stages`` deep.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    resident, streamed = (block_n, block_m) if kind == "dkdv" else (block_m, block_n)
-    return (2 * resident + 2 * streamed * stages) * block_d * itemsize <= 200 * 1024
 
+def _pruner(kind: str, target: Optional[tiles.Target] = None):
+    """Keep the candidates of ``target`` (default: the device of ``Q``) for the key's dtype and head dim."""
 
-def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-        itemsize = named_args["Q"].element_size() if "Q" in named_args else 2
-        kept = [c for c in configs if _smem_ok(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                                               head_dim, itemsize)]
-        return kept or configs[-1:]
+        q = named_args["Q"]
+        where = target or tiles.device_target(q.device)
+        keep = tiles.attention_candidates(where, kind, q.dtype, head_dim)
+        kept = [c for c in configs
+                if tiles.AttnTile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        return kept or configs[:1]  # the smallest tile: fits anywhere
 
     return prune
 
@@ -149,24 +149,21 @@ def _pruner(kind: str):
 @functools.cache
 def _tuned(kind: str):
     """The autotuned version of a kernel, built on first use (never at import)."""
-    kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in _CONFIGS[kind]]
+    configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
+                             num_stages=t.num_stages) for t in _autotune_space()]
     return triton.autotune(configs=configs, key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(kind)})(kernel)
+                           prune_configs_by={"early_config_prune": _pruner(kind)})(_KERNELS[kind])
 
 
 def _autotune() -> bool:
     return not triton_interpreter() and os.environ.get("LCL_FAST_ATTENTION_AUTOTUNE", "1") != "0"
 
 
-def _default_blocks(kind: str, head_dim: int, itemsize: int) -> tuple[int, int, int, int]:
-    """The heuristic tile when autotuning is off: the first candidate that fits shared memory
-    (8 warps first: the lowest register count per thread at head dims 64 and 128)."""
+def _default_blocks(kind: str, q: torch.Tensor) -> tiles.AttnTile:
+    """The tile when autotuning is off: the target's default (:func:`tiles.attention_tile`)."""
     if triton_interpreter():
-        return (*_INTERPRETER_BLOCKS, 4, 1)
-    fits = [c for c in _CONFIGS[kind] if _smem_ok(kind, c[0], c[1], c[3], head_dim, itemsize)]
-    return fits[0] if fits else (32, 32, 4, 1)
+        return tiles.AttnTile(*_INTERPRETER_BLOCKS, 4, 1)
+    return tiles.attention_tile(tiles.device_target(q.device), kind, q.dtype, q.shape[-1])
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -190,20 +187,26 @@ def _table_args(meta: MaskMetadata, device: torch.device):
 
 def _launch(kind: str, kernel, grid_rows: int, batch_heads: int, args: tuple, consts: dict,
             blocks: Optional[tuple[int, int]]):
-    """Run ``kernel`` autotuned, or with ``blocks`` (BLOCK_M, BLOCK_N) / the heuristic tiles."""
-    head_dim = consts["HEAD_DIM"]
+    """Run ``kernel`` autotuned, or with ``blocks`` (BLOCK_M, BLOCK_N) / the target's default tiles.
+
+    One program per (row tile, batch·head), folded into grid dimension 0 (tile fastest, as a
+    2-D grid would order them) so that B·H may exceed the 65535 of grid dimension 1.
+    """
+    q = args[0]
     if blocks is None and _autotune():
         row_block = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-        _tuned(kind)[lambda meta: (triton.cdiv(grid_rows, meta[row_block]), batch_heads)](*args, **consts)
+        with tiles.device_guard(q):
+            _tuned(kind)[lambda meta: (triton.cdiv(grid_rows, meta[row_block]) * batch_heads,)](*args, **consts)
         return
     if blocks is None:
-        block_m, block_n, warps, stages = _default_blocks(kind, head_dim, args[0].element_size())
+        block_m, block_n, warps, stages = _default_blocks(kind, q)
     else:
         (block_m, block_n), warps, stages = blocks, 4, 2
     row_block = block_n if kind == "dkdv" else block_m
-    kernel[(triton.cdiv(grid_rows, row_block), batch_heads)](
-        *args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages
-    )
+    with tiles.device_guard(q):
+        kernel[(triton.cdiv(grid_rows, row_block) * batch_heads,)](
+            *args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages
+        )
 
 
 def _consts(q: torch.Tensor, meta: MaskMetadata) -> dict:
@@ -250,11 +253,16 @@ def attention_backward(
         return dq, dk, dv
     consts = _consts(q, meta)
     delta = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
-    block_pre = 64 if not triton_interpreter() else 32
-    _attn_bwd_delta[(triton.cdiv(length, block_pre), batch * heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length,
-        HEAD_DIM=head_dim, BLOCK_D=consts["BLOCK_D"], BLOCK_M=block_pre,
-    )
+    if triton_interpreter():
+        pre = tiles.AttnTile(32, 0, 4, 1)
+    else:
+        pre = tiles.delta_tile(tiles.device_target(q.device), q.dtype, head_dim)
+    with tiles.device_guard(q):
+        _attn_bwd_delta[(triton.cdiv(length, pre.block_m) * batch * heads,)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, length,
+            HEAD_DIM=head_dim, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre.block_m, num_warps=pre.num_warps,
+            num_stages=pre.num_stages,
+        )
     table, stride_mf, stride_mb = _table_args(meta, q.device)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     _launch("dkdv", _attn_bwd_dkdv, length, batch * heads,

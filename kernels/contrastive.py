@@ -48,14 +48,14 @@ Limits
     follow ``torch.get_float32_matmul_precision()``: ``"highest"`` → exact (``ieee``, slow), else
     ``tf32``. The GPU targets are for bfloat16.
     Under ``TRITON_INTERPRET=1`` (CPU) ``tl.dot`` on bfloat16 is wrong in Triton 3.9: interpreter
-    runs use float32/float16. Block sizes are a heuristic per dtype (no autotuning: the pair
-    count changes every step with interleaved data); ``LCL_FAST_CONTRASTIVE_BLOCKS=
-    "BM,BN,BK,warps,stages"`` overrides them for tuning.
+    runs use float32/float16. Block sizes are chosen per dtype and device target by
+    :func:`lcl_fast.kernels.tiles.contrastive_tile` (no autotuning: the pair count changes every
+    step with interleaved data); ``LCL_FAST_CONTRASTIVE_BLOCKS="BM,BN,BK,warps,stages"``
+    overrides them for tuning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -63,6 +63,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from lcl_fast.kernels import tiles
 
 from lcl_fast._impl import triton_interpreter
 
@@ -199,16 +200,16 @@ def _grad_logits_kernel(
     tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
-class Blocks(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
+Blocks = tiles.GemmTile  # (block_m, block_n, block_k, num_warps, num_stages)
 
 
-def blocks_for(dtype: torch.dtype) -> Blocks:
-    """Tile sizes for ``dtype``: env override, else a per-dtype heuristic (H100/H200-sized)."""
+def blocks_for(dtype: torch.dtype, *, device: torch.device | None = None, dim: int | None = None) -> Blocks:
+    """Tile sizes for ``dtype`` on ``device`` (default: the current CUDA device).
+
+    ``LCL_FAST_CONTRASTIVE_BLOCKS`` overrides; else :func:`lcl_fast.kernels.tiles.contrastive_tile`
+    for the device's target (``block_n`` is the same on every target: the loss aligns its column
+    chunks to it).
+    """
     override = os.environ.get("LCL_FAST_CONTRASTIVE_BLOCKS")
     if override:
         values = [int(v) for v in override.split(",")]
@@ -216,12 +217,12 @@ def blocks_for(dtype: torch.dtype) -> Blocks:
             raise ValueError(
                 f"LCL_FAST_CONTRASTIVE_BLOCKS needs 5 integers BM,BN,BK,warps,stages, got {override!r}")
         return Blocks(*values)
-    if triton_interpreter():
+    if triton_interpreter() or not torch.cuda.is_available():
         return Blocks(32, 32, 32, 4, 1)  # small tiles: the CPU interpreter runs each program in Python
-    if dtype == torch.float32:
-        # exact float32 dots run on the FMA units, not the tensor cores: smaller tiles
-        return Blocks(128, 64, 32, 8, 3) if _dot_precision(dtype) == "tf32" else Blocks(64, 64, 32, 4, 3)
-    return Blocks(128, 128, 64, 8, 3)
+    if device is not None and device.type != "cuda":
+        raise ValueError(f"the Triton contrastive kernels need CUDA tensors, got {device}")
+    target = tiles.device_target(device)
+    return tiles.contrastive_tile(target, dtype, dim or 0, _dot_precision(dtype))
 
 
 @functools.cache
@@ -265,11 +266,6 @@ def _launch_options(a: torch.Tensor, blk: Blocks) -> dict:
                 num_warps=blk.num_warps, num_stages=blk.num_stages)
 
 
-def _device_guard(x: torch.Tensor):
-    # Triton launches on the current CUDA device, not on the tensors' one
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 class LseStats(NamedTuple):
     """Per-row statistics of ``s·A·Bᵀ`` in log2 units (natural value × log2 e), float32.
 
@@ -301,7 +297,7 @@ def lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, symmetric: boo
         empty = torch.tensor([float("-inf"), 0.0], device=a.device)
         col = empty.repeat(m, 1) if symmetric else None
         return LseStats(empty.repeat(n, 1), col, torch.zeros(n, device=a.device))
-    blk = blocks_for(a.dtype)
+    blk = blocks_for(a.dtype, device=a.device, dim=d)
     grid_m = triton.cdiv(n, blk.block_m)
     # few row blocks (a rank's local rows against the global batch): split the columns too,
     # so that every SM gets work; the splits' partial statistics are merged below
@@ -314,7 +310,7 @@ def lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, symmetric: boo
     label = torch.empty(n, device=a.device, dtype=torch.float32)
     scale = _scale_arg(scale, a.device)
     options = _launch_options(a, blk)
-    with _device_guard(a):
+    with tiles.device_guard(a):
         _lse_kernel[(grid_m, splits)](
             a, b, lse_part, colp, scale, n, m, d, cols_per_split, a.stride(0), b.stride(0),
             lse_part.stride(0), colp.stride(0), SYMMETRIC=symmetric, **options)
@@ -349,11 +345,11 @@ def grad_logits(a: torch.Tensor, b: torch.Tensor, stats: LseStats, scale: torch.
     g = torch.empty(n, width, device=a.device, dtype=a.dtype)
     if n == 0 or width == 0:
         return g, torch.zeros((), device=a.device)
-    blk = blocks_for(a.dtype)
+    blk = blocks_for(a.dtype, device=a.device, dim=d)
     grid = (triton.cdiv(width, blk.block_n), triton.cdiv(n, blk.block_m))
     ds = torch.empty(grid[0] * grid[1], device=a.device, dtype=torch.float32)
     symmetric = stats.col is not None
-    with _device_guard(a):
+    with tiles.device_guard(a):
         _grad_logits_kernel[grid](
             a, b, stats.row, stats.col if symmetric else stats.row, g, ds, _scale_arg(scale, a.device),
             n, col_start, col_end, d, label_offset, a.stride(0), b.stride(0), g.stride(0),

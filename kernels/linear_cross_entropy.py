@@ -31,9 +31,13 @@ Known limits: float atomics make the gradients' last bits depend on scheduling (
 differences of about one float32 ulp of the accumulated sums); no gradient filtering (CCE
 skips tiles whose softmax is below the output precision), so the backward does the full work
 and the results are exact up to rounding; labels outside ``[0, V)`` that are not ignored are
-not detected here (the label logit stays 0). The GPU blocks compile for sm_90 without register
-spills (checked once with the wheel's ptxas; the tests check that they compile and fit in shared
-memory) but are untuned: no GPU was at hand.
+not detected here (the label logit stays 0). The GPU blocks are chosen per target by
+:func:`lcl_fast.kernels.tiles.lm_head_tile`; ``python -m benchmarks.aot_audit`` checks, with the
+wheel's ptxas and no GPU, that they compile for sm_80/86/89/90 without register spills and fit
+in shared memory. They are untuned: no GPU was at hand. Nor is the atomics' cost measured: on
+sm_80/86/89 float atomics are scalar (four-wide only on sm_90), one per ``BLOCK_V`` (dH) or
+``BLOCK_T`` (dW) multiply-adds of a tile; whether they bound the backward awaits a GPU run
+(``benchmarks/bench_generation_loss.py``) before trading them for partial sums.
 Under ``TRITON_INTERPRET=1`` ``tl.dot`` on bfloat16 operands is wrong in Triton 3.9's
 interpreter, so there (only) the operands are upcast to float32 before the dot (``UPCAST``).
 """
@@ -45,20 +49,13 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from lcl_fast.kernels import tiles
 
 from lcl_fast._impl import triton_interpreter
 
-# Blocks for the compiled path (an H100/H200; untuned starting points, chosen so that ptxas for
-# sm_90 reports no register spills): 128x128 logit tiles for 16-bit operands, the backward's D
-# steps halved to hold G, its 16-bit copy and both gradient tiles in registers; float32 operands
-# (IEEE or TF32 dots) need 64x128 tiles and D steps of 16. The interpreter gets small blocks so
-# that CPU tests cover many tiles, partial last tiles included, and several vocabulary splits.
-_GPU_BLOCKS = {
-    ("forward", False): {"block_t": 128, "block_v": 128, "block_d": 64, "num_warps": 8, "num_stages": 3},
-    ("backward", False): {"block_t": 128, "block_v": 128, "block_d": 32, "num_warps": 8, "num_stages": 3},
-    ("forward", True): {"block_t": 64, "block_v": 128, "block_d": 16, "num_warps": 8, "num_stages": 2},
-    ("backward", True): {"block_t": 64, "block_v": 128, "block_d": 16, "num_warps": 8, "num_stages": 2},
-}
+# Blocks for the compiled path: :func:`lcl_fast.kernels.tiles.lm_head_tile` per device target
+# (block_t, block_v, block_d = its block_m, block_n, block_k). The interpreter gets small blocks
+# so that CPU tests cover many tiles, partial last tiles included, and several vocabulary splits.
 INTERPRETER_BLOCKS = {"block_t": 16, "block_v": 32, "block_d": 16, "num_warps": 4, "num_stages": 1}
 INTERPRETER_VOCAB_SPLITS = 3
 _GROUP_T = 8  # token blocks that sweep the vocabulary together in the backward (L2 reuse)
@@ -207,7 +204,15 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> 
         raise ValueError(f"labels must be [{hidden.shape[0]}], got {tuple(labels.shape)}")
 
 
-def _launch_config(kernel: str, dtype: torch.dtype) -> tuple[dict, str, bool]:
+def gpu_blocks(target: tiles.Target, kernel: str, dtype: torch.dtype | str, dim: int) -> dict:
+    """The launch blocks of ``kernel`` ("forward"/"backward") on ``target`` (a pure function)."""
+    tile = tiles.lm_head_tile(target, kernel, dtype, dim)
+    return {"block_t": tile.block_m, "block_v": tile.block_n, "block_d": tile.block_k,
+            "num_warps": tile.num_warps, "num_stages": tile.num_stages}
+
+
+def _launch_config(kernel: str, dtype: torch.dtype, device: torch.device | None = None,
+                   dim: int = 0) -> tuple[dict, str, bool]:
     """(blocks, tl.dot input precision, upcast-before-dot) for ``kernel`` ("forward"/"backward")."""
     if triton_interpreter():
         return INTERPRETER_BLOCKS, "ieee", dtype == torch.bfloat16
@@ -215,7 +220,7 @@ def _launch_config(kernel: str, dtype: torch.dtype) -> tuple[dict, str, bool]:
     # float32 follows torch's own matmul setting: TF32 only when the user allowed it; the flag
     # does not concern 16-bit operands
     precision = "tf32" if (not fp32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    return _GPU_BLOCKS[(kernel, fp32)], precision, False
+    return gpu_blocks(tiles.device_target(device), kernel, dtype, dim), precision, False
 
 
 @functools.cache
@@ -242,7 +247,7 @@ def lse_forward(
     T, D = hidden.shape
     V = weight.shape[0]
     labels = labels.contiguous()
-    blocks, precision, upcast = _launch_config("forward", hidden.dtype)
+    blocks, precision, upcast = _launch_config("forward", hidden.dtype, hidden.device, D)
     n_t = triton.cdiv(T, blocks["block_t"])
     n_v = triton.cdiv(V, blocks["block_v"])
     splits = _vocab_splits(n_t, n_v, hidden.device)
@@ -252,14 +257,15 @@ def lse_forward(
     label_logit = torch.zeros(T, device=hidden.device, dtype=torch.float32)
     if T == 0:
         return lse_part.sum(0), label_logit
-    _lse_forward_kernel[(n_t, splits)](
-        hidden, weight, labels, lse_part, label_logit,
-        T, V, D, vocab_per_split, ignore_index,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        BLOCK_T=blocks["block_t"], BLOCK_V=blocks["block_v"], BLOCK_D=blocks["block_d"],
-        DOT_PRECISION=precision, UPCAST=upcast,
-        num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
-    )
+    with tiles.device_guard(hidden):
+        _lse_forward_kernel[(n_t, splits)](
+            hidden, weight, labels, lse_part, label_logit,
+            T, V, D, vocab_per_split, ignore_index,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            BLOCK_T=blocks["block_t"], BLOCK_V=blocks["block_v"], BLOCK_D=blocks["block_d"],
+            DOT_PRECISION=precision, UPCAST=upcast,
+            num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
+        )
     lse = lse_part[0] if splits == 1 else torch.logsumexp(lse_part, dim=0)
     return lse, label_logit
 
@@ -285,16 +291,17 @@ def grad_backward(
     dw = torch.zeros(V, D, device=hidden.device, dtype=torch.float32) if need_dw else None
     if T == 0 or not (need_dh or need_dw):
         return dh, dw
-    blocks, precision, upcast = _launch_config("backward", hidden.dtype)
+    blocks, precision, upcast = _launch_config("backward", hidden.dtype, hidden.device, D)
     grid = (triton.cdiv(T, blocks["block_t"]) * triton.cdiv(V, blocks["block_v"]),)
     dummy = lse  # any float32 tensor stands in for the gradient not asked for (never touched)
-    _backward_kernel[grid](
-        hidden, weight, labels.contiguous(), lse.contiguous(), token_scale.to(torch.float32).contiguous(),
-        dh if need_dh else dummy, dw if need_dw else dummy,
-        T, V, D,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        BLOCK_T=blocks["block_t"], BLOCK_V=blocks["block_v"], BLOCK_D=blocks["block_d"], GROUP_T=_GROUP_T,
-        COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, DOT_PRECISION=precision, UPCAST=upcast,
-        num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
-    )
+    with tiles.device_guard(hidden):
+        _backward_kernel[grid](
+            hidden, weight, labels.contiguous(), lse.contiguous(), token_scale.to(torch.float32).contiguous(),
+            dh if need_dh else dummy, dw if need_dw else dummy,
+            T, V, D,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            BLOCK_T=blocks["block_t"], BLOCK_V=blocks["block_v"], BLOCK_D=blocks["block_d"], GROUP_T=_GROUP_T,
+            COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, DOT_PRECISION=precision, UPCAST=upcast,
+            num_warps=blocks["num_warps"], num_stages=blocks["num_stages"],
+        )
     return dh, dw

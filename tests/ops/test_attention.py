@@ -291,17 +291,23 @@ def test_bad_inputs():
 
 
 def test_gpu_tile_candidates_fit():
-    """The GPU-only plumbing (autotuner, pruning, heuristic tiles) builds and keeps a fitting tile."""
+    """The GPU-only plumbing (autotuner, pruning per target) builds and keeps only fitting tiles."""
     import lcl_fast.kernels.attention_launch as kernels
+    from lcl_fast.kernels import tiles
 
     for kind in ("fwd", "dkdv", "dq"):
         tuned = kernels._tuned(kind)
         assert tuned.keys == ["L", "HEAD_DIM", "IS_CAUSAL", "HAS_DOC", "HAS_IMG"]
-        for head_dim in (32, 64, 128):
-            for dtype in (torch.bfloat16, torch.float32):
-                kept = kernels._pruner(kind)(tuned.configs, {"Q": torch.zeros(1, dtype=dtype)}, HEAD_DIM=head_dim)
-                assert kept
-                itemsize = torch.zeros(1, dtype=dtype).element_size()
-                for c in kept:
-                    assert kernels._smem_ok(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                                            head_dim, itemsize)
+        for target in tiles.AOT_TARGETS.values():
+            for head_dim in (32, 64, 128):
+                for dtype in (torch.bfloat16, torch.float32):
+                    prune = kernels._pruner(kind, target)
+                    kept = prune(tuned.configs, {"Q": torch.zeros(1, dtype=dtype)}, HEAD_DIM=head_dim)
+                    assert kept
+                    want = tiles.attention_candidates(target, kind, dtype, head_dim)
+                    got = [tiles.AttnTile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                           for c in kept]
+                    assert set(got) == set(want), (kind, target, head_dim, dtype)
+                    for t in got:
+                        shared = tiles.attention_shared_bytes(target, kind, t, dtype, head_dim)
+                        assert shared <= target.shared_limit, (kind, target, head_dim, dtype, t)

@@ -397,6 +397,7 @@ def _compile_for_sm90() -> None:
     compiled mode.
     """
     from lcl_fast.kernels import linear_cross_entropy as kernels
+    from lcl_fast.kernels.tiles import AOT_TARGETS
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -408,7 +409,7 @@ def _compile_for_sm90() -> None:
             ("forward", kernels._lse_forward_kernel, {}),
             ("backward", kernels._backward_kernel, both_grads),
         ):
-            blocks = kernels._GPU_BLOCKS[(name, fp32)]
+            blocks = kernels.gpu_blocks(AOT_TARGETS["sm_90"], name, torch.float32 if fp32 else torch.bfloat16, 768)
             constexprs = {
                 "BLOCK_T": blocks["block_t"], "BLOCK_V": blocks["block_v"], "BLOCK_D": blocks["block_d"],
                 "DOT_PRECISION": "ieee" if fp32 else "tf32", "UPCAST": False, **extra,
