@@ -247,7 +247,7 @@ class _TritonTiles:
     def cols_per_chunk(a: Tensor, chunk_size: int | None) -> int:
         from lcl_fast.kernels import contrastive as kernels
 
-        block_n = kernels.blocks_for(a.dtype).block_n
+        block_n = kernels.blocks_for(a.dtype, device=a.device, dim=a.shape[1]).block_n
         if chunk_size is not None:
             # Whole column tiles: the backward's tiles must be the forward's bit for bit (a tile's
             # products may round differently at another offset, which would cost a confident pair its
