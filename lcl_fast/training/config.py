@@ -203,7 +203,7 @@ def _check_train_data(cfg: TrainConfig) -> None:
 
     try:
         shards = expand_shards(cfg.train_data, cfg.dataset_type)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         raise ConfigError(f"--train-data: {err}") from None
     local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
     missing = [s for s in local if not os.path.exists(s)]
