@@ -84,7 +84,7 @@ class TarStream(SampleStream):
     def position(self) -> dict[str, Any]:
         return {**super().position(), "byte": self.byte}
 
-    def _open(self, url: str, byte: int, first: int, prefetched: Optional[ReadAhead] = None):
+    def _stream_from(self, url: str, byte: int, first: int, prefetched: Optional[ReadAhead] = None):
         """A sample generator for ``url`` starting at sample ``first`` (at ``byte`` when seekable)."""
         seekable = byte_seekable(url)
         ahead = prefetched or ReadAhead(url, byte if seekable else 0)
@@ -149,7 +149,7 @@ class TarStream(SampleStream):
                 pre = None
                 if self._next_ahead is not None and self._next_ahead[0] == key and self.byte == 0:
                     pre, self._next_ahead = self._next_ahead[1], None
-                self._ahead, self._gen = self._open(url, self.byte, self.offset, pre)
+                self._ahead, self._gen = self._stream_from(url, self.byte, self.offset, pre)
                 self._key = key
                 self._prefetch(plan)
             try:
@@ -186,7 +186,7 @@ class TarStream(SampleStream):
             url = cfg.shards[shard_id]
             first = min(members, key=lambda s: s[2])
             wanted = {s[2] for s in members}
-            ahead, gen = self._open(url, first[3], first[2])
+            ahead, gen = self._stream_from(url, first[3], first[2])
             try:
                 for index, _, key, parts, _ in gen:
                     if index in wanted:
