@@ -11,6 +11,10 @@ TEST_DEPS = [
     "pyarrow",
     "matplotlib",
     "tensorboard",
+    # remote data: an S3 filesystem and a real S3 server (moto) for tests/data/test_remote.py
+    "fsspec",
+    "s3fs",
+    "moto[server]",
 ]
 
 setup(
@@ -56,6 +60,10 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "obelics": ["pyarrow"],
+        # remote shards (fsspec URLs); credentials come from each filesystem's standard environment
+        "s3": ["fsspec", "s3fs"],
+        "gcs": ["fsspec", "gcsfs"],
+        "http": ["fsspec", "aiohttp"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "dev": TEST_DEPS,
