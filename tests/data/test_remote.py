@@ -265,3 +265,24 @@ def test_dali_gets_the_remote_bytes(s3):
     pil = build_train_loader("webdataset", PAIRS, TOK, **opts)
     for a, b in zip(_take(dali, 3), _take(pil, 3)):
         assert (a["text_ids"] == b["text_ids"]).all() and a["images"].shape == b["images"].shape
+
+
+def test_training_flags_reach_the_loader(s3, tmp_path):
+    from types import SimpleNamespace
+
+    from lcl_fast.train import build_loader
+    from lcl_fast.training.config import parse_config
+    from lcl_fast.training.distributed import DistEnv
+
+    audit = tmp_path / "audit.tsv"
+    flags = ["--dataset-type", "webdataset", "--train-data", PAIRS, "--train-num-samples", str(GOOD)]
+    flags += ["--shuffle-buffer", "5", "--dataset-resampled", "--cache-dir", str(tmp_path / "c")]
+    flags += ["--data-audit", str(audit), "--batch-size", "2", "--seed", "1"]
+    cfg = parse_config(flags)
+    model = SimpleNamespace(
+        text=SimpleNamespace(context_length=16), num_img_token=2, vision_cfg=SimpleNamespace(image_size=8)
+    )
+    loader = build_loader(cfg, DistEnv(), TOK, model)
+    assert (loader.num_samples, loader.cfg.shuffle_buffer, loader.cfg.resampled) == (GOOD, 5, True)
+    _take(loader, 2)
+    assert len(audit.read_text().splitlines()) == 4 and list((tmp_path / "c").rglob("*.tar"))
