@@ -147,3 +147,120 @@ def test_data_path(benchmark, impl: str) -> None:
         params={"op": "data_path", "n_images": len(jpegs), "image_size": IMAGE_SIZE},
         memory_subprocess=(f"{__name__}:prepare", {"impl": impl}),
     )
+
+
+# --------------------------------------------------------------------------- the loader (group "data")
+# Whole loaders, JPEG shards to batches of normalised images and token rows, same worker count:
+# - ``reference``: the reference's strategy: webdataset (shard shuffle, shuffle buffer 1000),
+#   PIL decode, torchvision's training transform (emulated above with PIL ops when torchvision is
+#   not installed, as here: it has no wheel beside this torch), tokenized, batched, torch DataLoader;
+# - ``local``: lcl-fast's ``build_train_loader`` over the same local shards;
+# - ``s3``: the same over a local S3 server (moto, loopback), streamed with range requests.
+LOADER_SHARDS = h.by_scale(smoke=2, small=4, full=8)
+LOADER_PER_SHARD = h.by_scale(smoke=16, small=64, full=128)
+LOADER_BATCH = 32
+LOADER_WORKERS = h.by_scale(smoke=1, small=2, full=4)
+LOADER_IMPLS = ["reference", "local", "s3"]
+
+
+@functools.cache
+def _loader_shards() -> tuple[str, tuple[str, ...]]:
+    """Local tar shards of (jpg, txt) pairs: their brace pattern and paths."""
+    import tarfile
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="lcl_bench_shards_")
+    jpegs = synthetic_jpegs(LOADER_PER_SHARD)
+    paths = []
+    for s in range(LOADER_SHARDS):
+        path = f"{folder}/shard-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i, data in enumerate(jpegs):
+                caption = f"a photograph number {i} of shard {s} with smooth colours".encode()
+                for ext, payload in (("jpg", data), ("txt", caption)):
+                    info = tarfile.TarInfo(f"{s:03d}{i:05d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        paths.append(path)
+    return f"{folder}/shard-{{{0:06d}..{LOADER_SHARDS - 1:06d}}}.tar", tuple(paths)
+
+
+@functools.cache
+def _s3_pattern() -> str:
+    """The shards uploaded to a moto S3 server on loopback; the AWS environment points at it."""
+    import os
+
+    moto_server = h.import_or_skip("moto.server", reason=" (pip install 'moto[server]')")
+    h.import_or_skip("s3fs", reason=" (pip install 'lcl-fast[s3]')")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    client.create_bucket(Bucket="bench")
+    for path in _loader_shards()[1]:
+        client.upload_file(path, "bench", "laion/" + path.rsplit("/", 1)[-1])
+    return f"s3://bench/laion/shard-{{{0:06d}..{LOADER_SHARDS - 1:06d}}}.tar"
+
+
+def _reference_loader(pattern: str, tokenizer) -> Callable[[], int]:
+    wds = h.import_or_skip("webdataset", reason=" (pip install webdataset)")
+    transform = reference_transform(IMAGE_SIZE)
+
+    def tokens(caption: bytes) -> torch.Tensor:
+        ids = [tokenizer.sot_token_id, *tokenizer.encode(caption.decode())[:75], tokenizer.eot_token_id]
+        return torch.tensor(ids + [0] * (77 - len(ids)))
+
+    dataset = (
+        wds.WebDataset(pattern, shardshuffle=True, seed=0, empty_check=False)
+        .shuffle(1000)
+        .to_tuple("jpg", "txt")
+        .map_tuple(transform, tokens)
+        .batched(LOADER_BATCH, partial=False)
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=LOADER_WORKERS)
+
+    def epoch() -> int:
+        return sum(images.shape[0] for images, _ in loader)
+
+    return epoch
+
+
+def prepare_loader(impl: str) -> Callable[[], int]:
+    """One epoch of ``impl``'s loader; returns the samples it yielded."""
+    from lcl_fast.data import build_train_loader, get_tokenizer
+
+    tokenizer = get_tokenizer()
+    pattern = _loader_shards()[0]
+    if impl == "reference":
+        return _reference_loader(pattern, tokenizer)
+    data = _s3_pattern() if impl == "s3" else pattern
+    total = LOADER_SHARDS * LOADER_PER_SHARD
+    loader = build_train_loader(
+        "webdataset", data, tokenizer, batch_size=LOADER_BATCH, context_length=128, num_img_token=49,
+        image_size=IMAGE_SIZE, workers=LOADER_WORKERS, decoder="pil", num_samples=total, shuffle_buffer=1000,
+    )
+
+    def epoch() -> int:
+        return sum(batch["images"].shape[0] for batch in loader)
+
+    return epoch
+
+
+@pytest.mark.parametrize("impl", LOADER_IMPLS)
+def test_data_loader(benchmark, impl: str) -> None:
+    fn = prepare_loader(impl)
+    samples = LOADER_SHARDS * LOADER_PER_SHARD // LOADER_BATCH * LOADER_BATCH
+    h.measure(
+        benchmark,
+        fn,
+        group=(f"data loader {LOADER_SHARDS}x{LOADER_PER_SHARD} pairs 500x375 JPEG -> {IMAGE_SIZE}, "
+               f"{LOADER_WORKERS} workers"),
+        impl=impl,
+        work={"samples": samples},
+        params={"op": "data_loader", "workers": LOADER_WORKERS, "batch_size": LOADER_BATCH},
+    )

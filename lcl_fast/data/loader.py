@@ -19,6 +19,9 @@ and with PIL decoding); with DALI the images are decoded in the main process, on
 ``device`` is CUDA. ``loader.state_dict()`` holds every stream's position (a few integers per
 stream, per rank: save each rank's, e.g. with ``all_gather_object``) and
 ``load_state_dict`` makes the loader yield exactly the batches the uninterrupted run would.
+
+Shards may be remote (fsspec URLs, ``pipe:COMMAND``; see :mod:`lcl_fast.data.remote`): remote
+tars are streamed, other remote shards are read like local ones, with the same positions.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ samples: each is read exactly once. A stream never ends: after its last shard it
 epoch ``e + 1``. Its position is ``(data_epoch, shard_pos, offset)`` plus its skip counts, a few
 integers; every sample's randomness (image placement, crop windows) comes from a seed mixed from
 ``(seed, data_epoch, shard, index)``, so a stream restarted from a position repeats itself exactly.
+
+With ``resampled`` each stream draws its shards with replacement instead (as many per data epoch
+as it would read without). Remote tars are read front to back instead of by index, and a sample
+shuffle buffer may sit on top of either kind of stream: see :mod:`lcl_fast.data.streaming`.
 """
 
 from __future__ import annotations

@@ -108,6 +108,15 @@ def test_remote_and_piped_tars_give_the_local_batches(s3):
     assert loader.skip_counts == {"image_decode": 1, "shard_unreadable": 1}  # cat fails on the missing one
 
 
+def test_eval_pairs_from_a_bucket(s3):
+    from lcl_fast.data import build_eval_pairs
+
+    local = build_eval_pairs("webdataset", _local_pairs(s3), image_size=8, num_pairs=9, decoder="pil")
+    remote = build_eval_pairs("webdataset", PAIRS, image_size=8, num_pairs=9, decoder="pil")
+    assert remote[1] == local[1] and len(local[1]) == 9
+    assert (remote[0] == local[0]).all()
+
+
 def test_cache_dir_copies_shards_whole_then_reads_them_like_local_ones(s3, tmp_path):
     opts = dict(SMALL, seed=5, num_samples=GOOD)
     local = _take(build_train_loader("webdataset", _local_pairs(s3), TOK, **opts), 6)
