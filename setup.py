@@ -15,6 +15,7 @@ TEST_DEPS = [
     "fsspec",
     "s3fs",
     "moto[server]",
+    "webdataset",  # the reference's loader strategy in benchmarks/bench_data.py
 ]
 
 setup(
