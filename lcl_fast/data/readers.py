@@ -201,6 +201,7 @@ class Mmc4Shard:
         if image_root is None:
             image_root = default_image_root(source or path)
         self.image_root = image_root if is_remote(str(image_root)) else Path(image_root)
+        self._fetched: dict[str, Any] = {}
         self._lines = _open_jsonl(path)
         self.blocks = [(0, len(self._lines))]
 
@@ -225,7 +226,26 @@ class Mmc4Shard:
             )
         return {"key": f"{i}", "text_list": texts, "image_info": infos}
 
+    def fetch_images(self, names: list[Any]) -> None:
+        """Remote images: fetch ``names`` concurrently now; ``read_image`` then takes them."""
+        if not isinstance(self.image_root, str) or len(names) < 2:
+            return
+        todo = [n for n in names if isinstance(n, str) and _is_safe_relative(n)]
+
+        def get(name: str) -> Any:
+            try:
+                return _read_image_file(remote.join(self.image_root, name))
+            except BadSample as e:
+                return e
+
+        self._fetched = dict(zip(todo, remote.pool("images", 8).map(get, todo)))
+
     def read_image(self, name: Any) -> bytes:
+        got = self._fetched.pop(name, None) if isinstance(name, str) else None
+        if isinstance(got, BadSample):
+            raise got
+        if got is not None:
+            return got
         if not isinstance(name, str) or not _is_safe_relative(name):
             raise BadSample("image_info", f"{self.path}: image name {name!r} is not a relative path")
         if isinstance(self.image_root, str):

@@ -278,9 +278,41 @@ class ReadAhead:
 
 
 def read_bytes(url: str) -> bytes:
-    """The whole object at ``url`` (retried; :class:`ShardReadError` on failure)."""
+    """The whole object at ``url`` (retried; :class:`ShardReadError` on failure); taken from
+    :func:`prefetch_whole`'s store when it fetched it already."""
+    with _LOCK:
+        data = _FETCHED.pop(url, None)
+    if data is not None:
+        return data
     with ResilientFile(url) as f:
         return f.read()
+
+
+_LOCK = threading.Lock()
+_FETCHED: dict[str, bytes] = {}  # whole shards fetched ahead, each taken once by read_bytes
+_POOLS: dict[tuple[str, int], Any] = {}
+
+
+def pool(name: str, threads: int):
+    """A thread pool of this process (made again after a fork: threads do not survive one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = (name, os.getpid())
+    with _LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix=f"lcl-{name}")
+        return _POOLS[key]
+
+
+def prefetch_whole(url: str, cache_dir: Optional[str]) -> None:
+    """Fetch a shard that is read whole (into ``cache_dir``, else into memory for one
+    :func:`read_bytes`), so the next shard arrives while the current one is consumed."""
+    if cache_dir:
+        cached_copy(url, cache_dir)
+        return
+    data = read_bytes(url)
+    with _LOCK:
+        _FETCHED[url] = data
 
 
 def check_access(url: str) -> None:
@@ -313,7 +345,7 @@ def cached_copy(url: str, cache_dir: str) -> str:
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.part{os.getpid()}"
+    tmp = f"{path}.part{os.getpid()}-{threading.get_ident()}"
     try:
         with ResilientFile(url) as src, open(tmp, "wb") as dst:
             while data := src.read(CHUNK_BYTES):

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from . import remote
 from .decode import prepare_image
 from .packing import Row, RowPacker, collate
 from .readers import open_shard
@@ -111,6 +112,7 @@ class SampleStream:
         self.data_epoch, self.shard_pos, self.offset = pos["data_epoch"], pos["shard_pos"], pos["offset"]
         self.skips = SkipCounter(pos.get("skips"))
         self._plan: tuple[int, list[int]] = (-1, [])
+        self._fetching: dict[str, Any] = {}  # url -> Future of a shard fetched ahead
         self._open: tuple[Any, ...] = ()  # (data_epoch, shard_pos, reader, order)
         # To fail loudly instead of spinning when a whole pass over the shards yields nothing.
         self._whole_epoch = self.shard_pos == 0 and self.offset == 0
@@ -163,6 +165,23 @@ class SampleStream:
             self._open[2].close()
         self._open = ()
 
+    def _fetch_ahead(self, plan: list[int]) -> None:
+        """Remote shards read whole (MMC4 jsonl; any shard with a cache folder): wait for the
+        current one if it is being fetched, and start fetching the next one."""
+        cfg = self.cfg
+        if not (cfg.cache_dir or cfg.dataset_type == "mmc4"):
+            return
+        current = cfg.shards[plan[self.shard_pos]]
+        pending = self._fetching.pop(current, None)
+        if pending is not None:
+            pending.exception()  # its errors (if any) come again, and are counted, when it is opened
+        if self.shard_pos + 1 < len(plan):
+            url = cfg.shards[plan[self.shard_pos + 1]]
+            if is_remote(url) and url not in self._fetching:
+                for stale in list(self._fetching):  # a restored stream may leave one behind
+                    self._fetching.pop(stale).cancel()
+                self._fetching[url] = remote.pool("shards", 2).submit(remote.prefetch_whole, url, cfg.cache_dir)
+
     def next(self) -> tuple[dict[str, Any], Any, int]:
         """``(raw sample, its shard reader, its seed)``; bad samples are counted and passed over."""
         cfg = self.cfg
@@ -182,6 +201,7 @@ class SampleStream:
             if not self._open or self._open[:2] != (self.data_epoch, self.shard_pos):
                 self._close()
                 shard_id = plan[self.shard_pos]
+                self._fetch_ahead(plan)
                 try:
                     reader = open_shard(cfg.dataset_type, cfg.shards[shard_id], cfg.image_root, cfg.cache_dir)
                 except BadSample as e:
@@ -289,6 +309,8 @@ class RowMaker:
         )
         for _ in range(malformed):
             skips.add("image_info", f"{where}: malformed image_info entry")
+        if hasattr(reader, "fetch_images"):  # remote images: all of the document's at once
+            reader.fetch_images([name for _, name in chosen])
         loaded = [
             (ix, img)
             for ix, name in chosen

@@ -108,6 +108,22 @@ def test_remote_and_piped_tars_give_the_local_batches(s3):
     assert loader.skip_counts == {"image_decode": 1, "shard_unreadable": 1}  # cat fails on the missing one
 
 
+def test_the_next_shard_is_fetched_while_the_current_one_is_read(s3):
+    import time
+
+    for kind, data, nxt, opts in [
+        ("webdataset", PAIRS, "GET /bkt/pairs/shard-000001.tar", {}),
+        ("mmc4", "s3://bkt/mmc4", "GET /bkt/mmc4/data/docs_shard_1_v2.jsonl.zip", {"context_length": 30}),
+    ]:
+        s3.proxy.reset()
+        loader = build_train_loader(kind, data, TOK, **{**SMALL, **opts}, shuffle=False, num_samples=10)
+        _take(loader, 1)  # two samples of the first shard
+        deadline = time.monotonic() + 10
+        while not any(r.startswith(nxt) for r in s3.proxy.requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(r.startswith(nxt) for r in s3.proxy.requests), kind
+
+
 def test_eval_pairs_from_a_bucket(s3):
     from lcl_fast.data import build_eval_pairs
 
