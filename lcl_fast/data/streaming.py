@@ -220,6 +220,9 @@ class ShuffleBuffer:
         self.draws = int(position.get("draws", 0))
         held = position.get("buffer") or []
         self.items: list[tuple] = [x for x in inner.refetch(held) if x is not None] if held else []
+        # The ids again, kept in step with items: a position is then one shallow list copy (ids
+        # are never changed in place), taken before every sample.
+        self.ids: list[list[int]] = [x[0] for x in self.items]
 
     # what BatchStream reads of a stream
     @property
@@ -243,15 +246,18 @@ class ShuffleBuffer:
         return self.inner.offset
 
     def position(self) -> dict[str, Any]:
-        return {**self.inner.position(), "buffer": [x[0] for x in self.items], "draws": self.draws}
+        return {**self.inner.position(), "buffer": self.ids.copy(), "draws": self.draws}
 
     def next(self) -> tuple[dict[str, Any], Any, int]:
         while len(self.items) < self.size:
             raw, reader, seed = self.inner.next()
             self.items.append((self.inner.last_id, raw, reader, seed))
+            self.ids.append(self.inner.last_id)
         j = mix_seed(self.inner.cfg.seed, self.sid, self.draws, 7) % len(self.items)
         self.draws += 1
         self.items[j], self.items[-1] = self.items[-1], self.items[j]
+        self.ids[j], self.ids[-1] = self.ids[-1], self.ids[j]
+        self.ids.pop()
         sample_id, raw, reader, seed = self.items.pop()
         self.last_id = sample_id
         return raw, reader, seed
