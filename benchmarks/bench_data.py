@@ -187,17 +187,37 @@ def _loader_shards() -> tuple[str, tuple[str, ...]]:
 
 @functools.cache
 def _s3_pattern() -> str:
-    """The shards uploaded to a moto S3 server on loopback; the AWS environment points at it."""
+    """The shards uploaded to a moto S3 server on loopback, in its own process as a real server
+    would be (not competing with the loader's main process); the AWS environment points at it."""
+    import atexit
     import os
+    import socket
+    import subprocess
+    import sys
+    import time
 
-    moto_server = h.import_or_skip("moto.server", reason=" (pip install 'moto[server]')")
+    h.import_or_skip("moto.server", reason=" (pip install 'moto[server]')")
     h.import_or_skip("s3fs", reason=" (pip install 'lcl-fast[s3]')")
     import boto3
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    atexit.register(server.kill)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                pytest.skip("the moto S3 server did not start")
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
@@ -216,7 +236,7 @@ def _reference_loader(pattern: str, tokenizer) -> Callable[[], int]:
         return torch.tensor(ids + [0] * (77 - len(ids)))
 
     dataset = (
-        wds.WebDataset(pattern, shardshuffle=True, seed=0, empty_check=False)
+        wds.WebDataset(pattern, shardshuffle=100, seed=0, empty_check=False)
         .shuffle(1000)
         .to_tuple("jpg", "txt")
         .map_tuple(transform, tokens)

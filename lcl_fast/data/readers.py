@@ -279,8 +279,8 @@ class ParquetShard:
         pq = _pyarrow_parquet()
         self.path = path
         try:
-            source = remote.ResilientFile(path) if is_remote(path) else path
-            self._file = pq.ParquetFile(source, memory_map=not is_remote(path))
+            self._source = remote.ResilientFile(path) if is_remote(path) else None
+            self._file = pq.ParquetFile(self._source or path, memory_map=self._source is None)
         except Exception as e:  # pyarrow raises its own error types (ArrowInvalid, OSError)
             raise _unreadable(path, e) from e
         names = set(self._file.schema_arrow.names)
@@ -337,6 +337,8 @@ class ParquetShard:
     def close(self) -> None:
         self._rows = {}
         self._group = None
+        if self._source is not None:
+            self._source.close()  # reopened (at the byte asked) if the shard is read again
 
 
 def count_parquet(path: str) -> int:

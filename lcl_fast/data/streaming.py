@@ -166,6 +166,10 @@ class TarStream(SampleStream):
                 self._advance()
                 continue
             self.offset, self.byte = index + 1, nxt
+            if cfg.sample_mode:  # fewer shards than streams: every stream reads them all, keeps 1/n
+                base = sum(cfg.shard_sizes[s] for s in plan[: self.shard_pos])
+                if (base + index) % cfg.num_streams != self.sid:
+                    continue
             try:
                 raw = pair_from_members(url, key, members, members.__getitem__)
             except BadSample as e:

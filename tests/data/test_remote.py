@@ -311,3 +311,21 @@ def test_training_flags_reach_the_loader(s3, tmp_path):
     assert (loader.num_samples, loader.cfg.shuffle_buffer, loader.cfg.resampled) == (GOOD, 5, True)
     _take(loader, 2)
     assert len(audit.read_text().splitlines()) == 4 and list((tmp_path / "c").rglob("*.tar"))
+
+
+def test_fewer_remote_shards_than_streams_split_by_sample(s3):
+    from lcl_fast.data.streaming import TarStream
+    from lcl_fast.data.streams import StreamConfig
+
+    shards = [f"s3://bkt/pairs/shard-{s:06d}.tar" for s in (0, 1)]
+    cfg = StreamConfig("webdataset", shards, SIZES[:2], TOK, 1, 16, 2, 8, world_size=2, streams_per_rank=2)
+    seen = []
+    for sid in range(4):
+        stream = TarStream(cfg, sid)
+        while True:
+            raw, _, _ = stream.next()
+            if stream.data_epoch:
+                break
+            seen.append(raw["key"])
+        stream.close()
+    assert sorted(seen) == sorted(f"s{s}_{i:03d}" for s in (0, 1) for i in range(SIZES[s]))
