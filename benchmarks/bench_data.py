@@ -153,7 +153,8 @@ def test_data_path(benchmark, impl: str) -> None:
 # Whole loaders, JPEG shards to batches of normalised images and token rows, same worker count:
 # - ``reference``: the reference's strategy: webdataset (shard shuffle, shuffle buffer 1000),
 #   PIL decode, torchvision's training transform (emulated above with PIL ops when torchvision is
-#   not installed, as here: it has no wheel beside this torch), tokenized, batched, torch DataLoader;
+#   not installed, as here: it has no wheel beside this torch), tokenized, batched, torch DataLoader
+#   with persistent workers (open_clip's settings);
 # - ``local``: lcl-fast's ``build_train_loader`` over the same local shards;
 # - ``s3``: the same over a local S3 server (moto, loopback), streamed with range requests.
 LOADER_SHARDS = h.by_scale(smoke=2, small=4, full=8)
@@ -242,7 +243,9 @@ def _reference_loader(pattern: str, tokenizer) -> Callable[[], int]:
         .map_tuple(transform, tokens)
         .batched(LOADER_BATCH, partial=False)
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=LOADER_WORKERS)
+    loader = torch.utils.data.DataLoader(  # open_clip's WebLoader settings
+        dataset, batch_size=None, num_workers=LOADER_WORKERS, persistent_workers=LOADER_WORKERS > 0
+    )
 
     def epoch() -> int:
         return sum(images.shape[0] for images, _ in loader)

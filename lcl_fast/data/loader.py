@@ -184,6 +184,7 @@ class TrainLoader:
         self._pad_tokens = 0
         self._tokens = 0
         self._decoder = BatchDecoder(cfg.image_size, self.device, decode_threads)
+        self._running: Optional[tuple[Iterator[dict[str, Any]], Any]] = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -246,6 +247,7 @@ class TrainLoader:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._next_stream = int(state["next_stream"])
         self._positions = copy.deepcopy(state["streams"])
+        self.close()  # streams already running are elsewhere: restart from the loaded positions
         self._late = SkipCounter(state["late_skips"])
         self._pad_tokens, self._tokens = int(state["pad_tokens"]), int(state["tokens"])
 
@@ -316,17 +318,24 @@ class TrainLoader:
             "num_images": move(raw["num_images"]),
         }
 
+    def close(self) -> None:
+        """Stop the streams (and worker processes); the next iteration restarts them from the
+        current positions."""
+        self._running = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
-        source, handle = self._source()
-        try:
-            while self.step < len(self):
-                batch = self._finish(next(source))
-                self.step += 1
-                yield batch
-        finally:
-            del source, handle  # shuts the workers down
+        # The streams never end, so they (and the workers) stay up from one epoch to the next,
+        # as open_clip's persistent workers do: no restart, no shuffle buffer read again. The
+        # batches they hold ahead come next, in the order a restart would give.
+        if self._running is None:
+            self._running = self._source()
+        source = self._running[0]
+        while self.step < len(self):
+            batch = self._finish(next(source))
+            self.step += 1
+            yield batch
         log.info(
             "data: epoch %d done (%d steps); padding %.1f%%; skipped %s",
             self.epoch,

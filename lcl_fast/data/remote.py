@@ -269,8 +269,9 @@ class ReadAhead:
 
     def close(self) -> None:
         self._stop.set()
-        while self._thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
+        deadline = time.monotonic() + 2.0  # a read stuck in the network ends on its own (daemon)
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:  # unblock a producer waiting on a full queue
                 self._q.get_nowait()
             except queue.Empty:
                 self._thread.join(0.05)

@@ -191,6 +191,16 @@ def test_failed_reads_are_retried_where_they_stopped(s3):
     assert loader.skip_counts == {"image_decode": 1}
 
 
+def test_a_failed_pipe_is_run_again_and_the_bytes_read_are_dropped(s3, tmp_path):
+    shard = s3.local / "pairs" / "shard-000002.tar"
+    script = tmp_path / "flaky.sh"  # the first run dies after 5000 bytes, as a broken download would
+    script.write_text('if [ ! -e "$1" ]; then touch "$1"; head -c 5000 "$2"; exit 1; fi; cat "$2"\n')
+    opts = dict(SMALL, batch_size=1, shuffle=False, num_samples=SIZES[2], steps_per_epoch=SIZES[2])
+    piped = build_train_loader("webdataset", f"pipe:sh {script} {tmp_path / 'ran'} {shard}", TOK, **opts)
+    _same(_take(piped, SIZES[2]), _take(build_train_loader("webdataset", str(shard), TOK, **opts), SIZES[2]))
+    assert (tmp_path / "ran").exists() and piped.skip_counts == {}
+
+
 def test_a_shard_failing_every_retry_is_skipped_and_counted(s3):
     s3.proxy.faults = [Fault("GET /bkt/pairs/shard-000002.tar", "503", times=100)]
     opts = dict(SMALL, shuffle=False, num_samples=GOOD)
