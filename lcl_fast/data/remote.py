@@ -228,7 +228,7 @@ class ReadAhead:
         self.url = url
         self._q: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._stop = threading.Event()
-        self._buf = b""
+        self._buf, self._pos = b"", 0
         self._done = False
         self._thread = threading.Thread(target=self._run, args=(offset,), daemon=True, name="lcl-readahead")
         self._thread.start()
@@ -253,19 +253,28 @@ class ReadAhead:
             self._put(e)
 
     def read(self, n: int = -1) -> bytes:
-        while not self._done and (n < 0 or len(self._buf) < n):
-            item = self._q.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            if not item:
-                self._done = True
-            self._buf += item
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+        # Slices of the current chunk: tarfile reads small pieces (headers, members), and
+        # re-slicing one growing buffer would copy the whole chunk each time.
+        parts, want = [], n
+        while want != 0:
+            if self._pos >= len(self._buf):
+                if self._done:
+                    break
+                item = self._q.get()
+                if isinstance(item, BaseException):
+                    self._done = True
+                    raise item
+                if not item:
+                    self._done = True
+                    break
+                self._buf, self._pos = item, 0
+            left = len(self._buf) - self._pos
+            take = left if want < 0 else min(want, left)
+            parts.append(self._buf[self._pos : self._pos + take])
+            self._pos += take
+            if want > 0:
+                want -= take
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
         self._stop.set()
