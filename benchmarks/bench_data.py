@@ -287,3 +287,43 @@ def test_data_loader(benchmark, impl: str) -> None:
         work={"samples": samples},
         params={"op": "data_loader", "workers": LOADER_WORKERS, "batch_size": LOADER_BATCH},
     )
+
+
+# --------------------------------------------------------------------------- interleaved comparison
+# On a shared machine the load moves between consecutive pytest-benchmark cases. This runs each
+# loader in a fresh process, in turn, several rounds (one warm-up epoch, then two timed ones):
+#     python -m benchmarks.bench_data [rounds]
+_CHILD = """
+import json, sys, time
+import benchmarks.bench_data as B
+fn = B.prepare_loader(sys.argv[1])
+fn()
+start = time.perf_counter(); n = fn() + fn()
+print(json.dumps({"samples_per_s": n / (time.perf_counter() - start)}))
+"""
+
+
+def interleaved(rounds: int = 3) -> dict[str, list[float]]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out: dict[str, list[float]] = {impl: [] for impl in LOADER_IMPLS}
+    for r in range(rounds):
+        for impl in LOADER_IMPLS:
+            load = os.getloadavg()[0]
+            run = subprocess.run([sys.executable, "-c", _CHILD, impl], capture_output=True, text=True, check=True)
+            out[impl].append(json.loads(run.stdout.strip().splitlines()[-1])["samples_per_s"])
+            print(f"round {r} {impl:9s} {out[impl][-1]:7.1f} samples/s (load {load:.1f})", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    import statistics
+    import sys
+
+    results = interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"median samples/s: {med}; local/reference {med['local'] / med['reference']:.2f}, "
+          f"s3/local {med['s3'] / med['local']:.2f}")
