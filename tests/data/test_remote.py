@@ -302,27 +302,6 @@ def test_dali_gets_the_remote_bytes(s3):
         assert (a["text_ids"] == b["text_ids"]).all() and a["images"].shape == b["images"].shape
 
 
-def test_training_flags_reach_the_loader(s3, tmp_path):
-    from types import SimpleNamespace
-
-    from lcl_fast.train import build_loader
-    from lcl_fast.training.config import parse_config
-    from lcl_fast.training.distributed import DistEnv
-
-    audit = tmp_path / "audit.tsv"
-    flags = ["--dataset-type", "webdataset", "--train-data", PAIRS, "--train-num-samples", str(GOOD)]
-    flags += ["--shuffle-buffer", "5", "--dataset-resampled", "--cache-dir", str(tmp_path / "c")]
-    flags += ["--data-audit", str(audit), "--batch-size", "2", "--seed", "1"]
-    cfg = parse_config(flags)
-    model = SimpleNamespace(
-        text=SimpleNamespace(context_length=16), num_img_token=2, vision_cfg=SimpleNamespace(image_size=8)
-    )
-    loader = build_loader(cfg, DistEnv(), TOK, model)
-    assert (loader.num_samples, loader.cfg.shuffle_buffer, loader.cfg.resampled) == (GOOD, 5, True)
-    _take(loader, 2)
-    assert len(audit.read_text().splitlines()) == 4 and list((tmp_path / "c").rglob("*.tar"))
-
-
 def test_fewer_remote_shards_than_streams_split_by_sample(s3):
     from lcl_fast.data.streaming import TarStream
     from lcl_fast.data.streams import StreamConfig
@@ -339,3 +318,50 @@ def test_fewer_remote_shards_than_streams_split_by_sample(s3):
             seen.append(raw["key"])
         stream.close()
     assert sorted(seen) == sorted(f"s{s}_{i:03d}" for s in (0, 1) for i in range(SIZES[s]))
+
+
+def test_training_on_remote_data_resumes_exactly_with_the_buffer_on(s3, tmp_path, monkeypatch):
+    """The trainer's exact resume (SIGTERM at step 2 of 4, then --resume latest; a dropped
+    connection after resuming): steps 3-4 equal the uninterrupted run's, and so do the keys
+    --data-audit wrote. Also: the data flags reach the loader."""
+    import signal
+
+    import numpy as np
+    import torch
+
+    from lcl_fast.train import main
+    from lcl_fast.training import loop
+
+    logs = tmp_path / "logs"
+    args = ["--batch-size", "2", "--no-progress", "--report-to", "none", "--val-pairs", "0", "--seed", "7"]
+    args += ["--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(logs), "--steps", "4"]
+    args += ["--save-every-n-steps", "2", "--dataset-type", "webdataset", "--train-data", PAIRS]
+    args += ["--train-num-samples", str(GOOD), "--shuffle-buffer", "6", "--dataset-resampled"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--name", "whole", "--data-audit", str(tmp_path / "whole.tsv")]) == 0
+        real_step, calls = loop.Trainer.train_step, []
+
+        def step_then_signal(self, batches):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(self, batches)
+
+        monkeypatch.setattr(loop.Trainer, "train_step", step_then_signal)
+        assert main([*args, "--name", "cut", "--data-audit", str(tmp_path / "cut.tsv")]) == 0
+        monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+        s3.proxy.faults = [Fault("GET /bkt/pairs/", "drop", after=2500, skip=2)]
+        assert main([*args, "--name", "cut", "--resume", "latest", "--data-audit", str(tmp_path / "cut.tsv")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = {
+        name: [json.loads(x) for x in (logs / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("whole", "cut")
+    }
+    assert [r["step"] for r in rows["cut"]] == [r["step"] for r in rows["whole"]] == list(range(1, 5))
+    np.testing.assert_allclose([r["loss"] for r in rows["cut"]], [r["loss"] for r in rows["whole"]], rtol=1e-6)
+    assert s3.proxy.hits
+    audit = (tmp_path / "whole.tsv").read_text().splitlines()
+    assert len(audit) == 8 and (tmp_path / "cut.tsv").read_text().splitlines() == audit
