@@ -17,6 +17,11 @@ TEST_DEPS = [
     "transformers>=4.37",
     "safetensors>=0.4",
     "pycocoevalcap",
+    # remote data: an S3 filesystem and a real S3 server (moto) for tests/data/test_remote.py
+    "fsspec",
+    "s3fs",
+    "moto[server]",
+    "webdataset",  # the reference's loader strategy in benchmarks/bench_data.py
 ]
 
 setup(
@@ -65,6 +70,10 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "obelics": ["pyarrow"],
         "eval": ["pycocoevalcap"],
+        # remote shards (fsspec URLs); credentials come from each filesystem's standard environment
+        "s3": ["fsspec", "s3fs"],
+        "gcs": ["fsspec", "gcsfs"],
+        "http": ["fsspec", "aiohttp"],
         "flash": ["flash-attn"],
         "xformers": ["xformers"],
         "export": ["transformers>=4.37", "timm>=1.0.16", "safetensors>=0.4"],

@@ -137,6 +137,12 @@ def build_loader(cfg: TrainConfig, env: D.DistEnv, tokenizer, model):
         workers=cfg.workers,
         seed=cfg.seed,
         device=env.device,
+        num_samples=cfg.train_num_samples,
+        shuffle_buffer=cfg.shuffle_buffer,
+        resampled=cfg.dataset_resampled,
+        shard_cache=cfg.cache_dir,
+        image_root=cfg.mmc4_images,
+        data_audit=cfg.data_audit,
     )
 
 

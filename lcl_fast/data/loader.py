@@ -19,6 +19,9 @@ and with PIL decoding); with DALI the images are decoded in the main process, on
 ``device`` is CUDA. ``loader.state_dict()`` holds every stream's position (a few integers per
 stream, per rank: save each rank's, e.g. with ``all_gather_object``) and
 ``load_state_dict`` makes the loader yield exactly the batches the uninterrupted run would.
+
+Shards may be remote (fsspec URLs, ``pipe:COMMAND``; see :mod:`lcl_fast.data.remote`): remote
+tars are streamed, other remote shards are read like local ones, with the same positions.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import remote
 from .decode import BatchDecoder, normalize_uint8, resolve_backend
 from .packing import RowPacker, drop_rows, row_of_image
 from .readers import TarShard, shard_size
+from .remote import is_remote
 from .shards import expand_shards
 from .skips import BadSample, SkipCounter, merge_counts
-from .streams import BatchStream, RowMaker, SampleStream, StreamConfig
+from .streaming import make_sample_stream, tar_samples
+from .streams import BatchStream, RowMaker, StreamConfig
 
 log = logging.getLogger("lcl_fast.data")
 
@@ -56,11 +62,15 @@ _STATE_VERSION = 1
 
 def _sizes_json(shards: list[str]) -> Optional[list[int]]:
     """open_clip's ``sizes.json`` beside the shards (``{basename: count}``), if it covers them all."""
-    folder = os.path.dirname(shards[0])
     try:
-        with open(os.path.join(folder, "sizes.json")) as f:
-            sizes = json.load(f)
-        return [int(sizes[os.path.basename(s)]) for s in shards]
+        if is_remote(shards[0]):
+            if shards[0].startswith("pipe:"):
+                return None
+            sizes = json.loads(remote.read_bytes(remote.join(remote.parent(shards[0]), "sizes.json")))
+        else:
+            with open(os.path.join(os.path.dirname(shards[0]), "sizes.json")) as f:
+                sizes = json.load(f)
+        return [int(sizes[s.rstrip("/").rsplit("/", 1)[-1]]) for s in shards]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -69,11 +79,14 @@ def count_samples(
     dataset_type: str, shards: list[str], exact: bool = False
 ) -> tuple[Optional[list[int]], int]:
     """``(per-shard sizes or None, total)``: exact for up to 64 shards (or ``exact``), else
-    estimated from the first 8 shards' samples per byte."""
-    if dataset_type == "webdataset":
+    estimated from the first 8 shards' samples per byte. Remote shards are not read to count
+    them: their sizes come from a ``sizes.json`` beside them, else ``(None, 0)``."""
+    if dataset_type == "webdataset" or any(map(is_remote, shards)):
         sizes = _sizes_json(shards)
         if sizes is not None:
             return sizes, sum(sizes)
+    if any(map(is_remote, shards)):
+        return None, 0
     if exact or len(shards) <= _EXACT_COUNT_LIMIT or dataset_type == "obelics":
         sizes = [shard_size(dataset_type, s) for s in shards]
         return sizes, sum(sizes)
@@ -87,8 +100,10 @@ def count_samples(
 def _packing_ratio(cfg: StreamConfig) -> float:
     """Rows per sample when packing, measured on up to 256 samples (headers read, nothing decoded)."""
     # One stream over every shard; "dali" here only means: read image headers, decode nothing.
-    probe_cfg = dataclasses.replace(cfg, world_size=1, rank=0, streams_per_rank=1, backend="dali")
-    stream = SampleStream(probe_cfg, 0)
+    probe_cfg = dataclasses.replace(
+        cfg, world_size=1, rank=0, streams_per_rank=1, backend="dali", shuffle_buffer=0
+    )
+    stream = make_sample_stream(probe_cfg, 0)
     maker = RowMaker(probe_cfg)
     skips = SkipCounter(interval_s=float("inf"))
     packer = RowPacker(cfg.batch_size, cfg.context_length, pack=True)
@@ -152,8 +167,10 @@ class TrainLoader:
         workers: int = 0,
         device: Union[str, torch.device] = "cpu",
         decode_threads: Optional[int] = None,
+        data_audit: Optional[str] = None,
     ):
         self.cfg = cfg
+        self.data_audit = data_audit
         self.steps_per_epoch = steps_per_epoch
         self.num_samples = num_samples
         self.workers = workers
@@ -167,6 +184,7 @@ class TrainLoader:
         self._pad_tokens = 0
         self._tokens = 0
         self._decoder = BatchDecoder(cfg.image_size, self.device, decode_threads)
+        self._running: Optional[tuple[Iterator[dict[str, Any]], Any]] = None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -199,6 +217,9 @@ class TrainLoader:
             "pack": cfg.pack,
             "num_img_token": cfg.num_img_token,
             "img_first_prob": cfg.img_first_prob,
+            # only when set: states saved before these options existed still load
+            **({"shuffle_buffer": cfg.shuffle_buffer} if cfg.shuffle_buffer else {}),
+            **({"resampled": True} if cfg.resampled else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -226,6 +247,7 @@ class TrainLoader:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._next_stream = int(state["next_stream"])
         self._positions = copy.deepcopy(state["streams"])
+        self.close()  # streams already running are elsewhere: restart from the loaded positions
         self._late = SkipCounter(state["late_skips"])
         self._pad_tokens, self._tokens = int(state["pad_tokens"]), int(state["tokens"])
 
@@ -257,8 +279,18 @@ class TrainLoader:
         it = iter(loader)
         return it, it
 
+    def _audit(self, stream: int, keys: list[str]) -> None:
+        """``--data-audit``: one line per consumed sample: rank, worker (stream), data epoch, shard, key."""
+        path = self.data_audit
+        if self.cfg.world_size > 1 or "{rank}" in path:
+            path = path.format(rank=self.cfg.rank) if "{rank}" in path else f"{path}.rank{self.cfg.rank}"
+        with open(path, "a") as f:
+            f.writelines(f"{self.cfg.rank}\t{stream}\t{key}\n" for key in keys)
+
     def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
         k = raw["stream"]
+        if self.data_audit:
+            self._audit(k, raw["keys"])
         self._positions[k] = raw["position"]
         self._next_stream = (k + 1) % self.cfg.streams_per_rank
         if "images_u8" in raw:
@@ -286,17 +318,24 @@ class TrainLoader:
             "num_images": move(raw["num_images"]),
         }
 
+    def close(self) -> None:
+        """Stop the streams (and worker processes); the next iteration restarts them from the
+        current positions."""
+        self._running = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
-        source, handle = self._source()
-        try:
-            while self.step < len(self):
-                batch = self._finish(next(source))
-                self.step += 1
-                yield batch
-        finally:
-            del source, handle  # shuts the workers down
+        # The streams never end, so they (and the workers) stay up from one epoch to the next,
+        # as open_clip's persistent workers do: no restart, no shuffle buffer read again. The
+        # batches they hold ahead come next, in the order a restart would give.
+        if self._running is None:
+            self._running = self._source()
+        source = self._running[0]
+        while self.step < len(self):
+            batch = self._finish(next(source))
+            self.step += 1
+            yield batch
         log.info(
             "data: epoch %d done (%d steps); padding %.1f%%; skipped %s",
             self.epoch,
@@ -353,6 +392,10 @@ def build_train_loader(
     shuffle: bool = True,
     cache_dir: Optional[str] = None,
     decode_threads: Optional[int] = None,
+    shuffle_buffer: int = 0,
+    resampled: bool = False,
+    shard_cache: Optional[str] = None,
+    data_audit: Optional[str] = None,
 ) -> TrainLoader:
     """The training loader (see the module docstring).
 
@@ -363,7 +406,15 @@ def build_train_loader(
     ``device`` when installed, else PIL), ``"dali"``, ``"pil"``. ``streams_per_rank`` defaults to
     ``max(1, workers)`` (set it with ``workers=0`` to reproduce a worker run serially).
     ``num_samples`` / ``steps_per_epoch`` override the counted dataset size / epoch length.
-    ``image_root``: the MMC4 image folder. ``cache_dir``: where the synthetic corpus lives.
+    ``image_root``: the MMC4 image folder (or URL prefix). ``cache_dir``: where the synthetic
+    corpus lives. ``shuffle_buffer``: samples per stream in the sample shuffle buffer (0: none;
+    capped at a stream's share of the data). ``resampled``: shards drawn with replacement.
+    ``shard_cache``: copy remote shards whole into this folder (else they are streamed).
+    ``data_audit``: append the consumed keys to this file (``.rank{r}`` added when distributed).
+
+    Remote shards (fsspec URLs, ``pipe:COMMAND``) are checked before anything else (bad
+    credentials or an unreachable endpoint raise ``RuntimeError`` naming the URL); their sample
+    count comes from a ``sizes.json`` beside them, else ``num_samples`` must be given.
     """
     for name, value in (
         ("batch_size", batch_size),
@@ -385,12 +436,27 @@ def build_train_loader(
         from .tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer(context_length=context_length)
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
     kind, spec = _resolve_data(dataset_type, train_data, cache_dir)
     shards = expand_shards(spec, kind)
+    remote_shards = [s for s in shards if is_remote(s)]
+    if remote_shards:
+        remote.check_access(remote_shards[0])
     n_streams = world_size * streams
     sizes, total = count_samples(kind, shards, exact=len(shards) < n_streams)
     if num_samples is not None:
         total = num_samples
+    elif remote_shards and sizes is None:
+        raise ValueError(
+            f"remote shards ({remote_shards[0]}, ...): give the number of samples "
+            "(--train-num-samples / num_samples) or put a sizes.json beside them"
+        )
+    if remote_shards and sizes is None and len(shards) < n_streams and not resampled:
+        raise ValueError(
+            f"{len(shards)} remote shards for {n_streams} streams: split them into at least "
+            f"{n_streams} shards, add a sizes.json beside them, or use resampling"
+        )
     if total < n_streams:
         raise ValueError(
             f"{total} samples in {len(shards)} shards cannot feed {n_streams} streams "
@@ -415,6 +481,9 @@ def build_train_loader(
         backend=backend,
         image_root=image_root,
         shuffle=shuffle,
+        shuffle_buffer=min(shuffle_buffer, max(1, total // n_streams)) if shuffle else 0,
+        resampled=resampled,
+        cache_dir=shard_cache,
     )
     if steps_per_epoch is None:
         rows = total * (_packing_ratio(cfg) if pack else 1.0)
@@ -429,7 +498,13 @@ def build_train_loader(
         " (packed)" if pack else "",
     )
     return TrainLoader(
-        cfg, steps_per_epoch, total, workers=workers, device=device, decode_threads=decode_threads
+        cfg,
+        steps_per_epoch,
+        total,
+        workers=workers,
+        device=device,
+        decode_threads=decode_threads,
+        data_audit=data_audit,
     )
 
 
@@ -464,6 +539,9 @@ def build_eval_pairs(
     from .decode import prepare_image
 
     for path in expand_shards(spec, "webdataset"):
+        if is_remote(path):
+            _remote_eval_pairs(path, num_pairs, image_size, backend, items, captions, skips)
+            continue
         try:
             shard = TarShard(path)
         except BadSample as e:
@@ -485,3 +563,28 @@ def build_eval_pairs(
     if failed:
         captions = [c for k, c in enumerate(captions) if k not in set(failed)]
     return images, captions
+
+
+def _remote_eval_pairs(url, num_pairs, image_size, backend, items, captions, skips) -> None:
+    """The pairs of one remote tar, streamed in stored order, appended to ``items`` / ``captions``."""
+    from .decode import prepare_image
+    from .readers import pair_from_members
+
+    remote.check_access(url)
+    ahead = remote.ReadAhead(url)
+    try:
+        for _, _, key, members, _ in tar_samples(ahead):
+            if num_pairs is not None and len(captions) >= num_pairs:
+                break
+            try:
+                sample = pair_from_members(url, key, members, members.__getitem__)
+                items.append(prepare_image(sample["image"], image_size, False, 0, backend))
+                captions.append(sample["caption"])
+            except BadSample as e:
+                skips.bad(e)
+            except ValueError as e:
+                skips.add("image_decode", f"{url}: {key}: {e}")
+    except OSError as e:
+        skips.add("shard_unreadable", f"{url}: {e}")
+    finally:
+        ahead.close()

@@ -23,6 +23,7 @@ from the constructor with kind ``shard_unreadable``.
 from __future__ import annotations
 
 import bisect
+import io
 import json
 import os
 import re
@@ -30,8 +31,10 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from . import remote
+from .remote import is_remote
 from .shards import load_index
 from .skips import BadSample
 
@@ -76,6 +79,27 @@ def _build_tar_index(path: str) -> dict[str, Any]:
     return {"version": _TAR_INDEX_VERSION, "samples": samples, "bad_headers": gaps}
 
 
+def pair_from_members(path: str, key: str, members: Any, get: Callable[[str], bytes]) -> dict[str, Any]:
+    """``{"key", "caption", "image"}`` of a webdataset sample whose members' extensions are
+    ``members`` (a container of str); ``get(ext)`` returns a member's bytes."""
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+    caption_ext = "txt" if "txt" in members else ("json" if "json" in members else None)
+    if image_ext is None or caption_ext is None:
+        raise BadSample("incomplete_sample", f"{path}: {key} has members {sorted(members)}")
+    raw = get(caption_ext)
+    try:
+        if caption_ext == "txt":
+            caption = raw.decode("utf-8")
+        else:
+            meta = json.loads(raw)
+            caption = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
+            if not isinstance(caption, str):
+                raise ValueError("no string 'caption' or 'text' field")
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BadSample("caption", f"{path}: {key}.{caption_ext}: {e}") from e
+    return {"key": key, "caption": caption, "image": get(image_ext)}
+
+
 class TarShard:
     """Random access to the samples of one webdataset tar shard."""
 
@@ -108,23 +132,7 @@ class TarShard:
     def read(self, i: int) -> dict[str, Any]:
         """``{"key", "caption": str, "image": bytes}`` of sample ``i``."""
         key, members = self._samples[i]
-        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-        caption_ext = "txt" if "txt" in members else ("json" if "json" in members else None)
-        if image_ext is None or caption_ext is None:
-            raise BadSample("incomplete_sample", f"{self.path}: {key} has members {sorted(members)}")
-        raw = self._member(caption_ext, members[caption_ext], key)
-        try:
-            if caption_ext == "txt":
-                caption = raw.decode("utf-8")
-            else:
-                meta = json.loads(raw)
-                caption = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else None
-                if not isinstance(caption, str):
-                    raise ValueError("no string 'caption' or 'text' field")
-        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise BadSample("caption", f"{self.path}: {key}.{caption_ext}: {e}") from e
-        image = self._member(image_ext, members[image_ext], key)
-        return {"key": key, "caption": caption, "image": image}
+        return pair_from_members(self.path, key, members, lambda ext: self._member(ext, members[ext], key))
 
     def close(self) -> None:
         if self._file is not None:
@@ -135,21 +143,30 @@ class TarShard:
 # ----------------------------------------------------------------------------- mmc4
 
 
-def default_image_root(shard: str) -> Path:
+def default_image_root(shard: str) -> Path | str:
+    if is_remote(shard):
+        folder = remote.parent(shard)
+        return remote.join(remote.parent(folder) if folder.endswith("/data") else folder, "images")
     parent = Path(shard).resolve().parent
     return (parent.parent if parent.name == "data" else parent) / "images"
 
 
+def _unreadable(path: str, e: BaseException) -> BadSample:
+    missing = isinstance(e, FileNotFoundError) or getattr(e, "missing", False)
+    return BadSample("shard_missing" if missing else "shard_unreadable", f"{path}: {e}")
+
+
 def _read_jsonl_lines(path: str) -> list[bytes]:
+    source: Any = io.BytesIO(remote.read_bytes(path)) if is_remote(path) else path
     if path.endswith(".zip"):
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(source) as zf:
             names = [n for n in zf.namelist() if n.endswith(".jsonl")]
             if not names:
                 raise BadSample("shard_unreadable", f"{path}: no .jsonl member")
             inner = os.path.basename(path)[: -len(".zip")]
             data = zf.read(inner if inner in names else names[0])
     else:
-        data = Path(path).read_bytes()
+        data = source.getvalue() if isinstance(source, io.BytesIO) else Path(path).read_bytes()
     return [line for line in data.split(b"\n") if line.strip()]
 
 
@@ -157,16 +174,21 @@ def _open_jsonl(path: str) -> list[bytes]:
     try:
         return _read_jsonl_lines(path)
     except _ZIP_ERRORS as e:
-        raise BadSample("shard_unreadable", f"{path}: {e}") from e
+        raise _unreadable(path, e) from e
 
 
 def _is_safe_relative(name: str) -> bool:
     return bool(name) and not os.path.isabs(name) and ".." not in Path(name).parts
 
 
-def _read_image_file(path: Path) -> bytes:
+def _read_image_file(path: Path | str) -> bytes:
+    if isinstance(path, str) and is_remote(path):
+        try:
+            return remote.read_bytes(path)
+        except OSError as e:
+            raise BadSample("image_missing", str(e)) from e
     try:
-        return path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
         raise BadSample("image_missing", f"{path}: {e.strerror or e}") from e
 
@@ -174,9 +196,12 @@ def _read_image_file(path: Path) -> bytes:
 class Mmc4Shard:
     """The documents of one MMC4 jsonl shard (read whole) and access to their image files."""
 
-    def __init__(self, path: str, image_root: str | os.PathLike | None = None):
+    def __init__(self, path: str, image_root: str | os.PathLike | None = None, source: str | None = None):
         self.path = path
-        self.image_root = Path(image_root) if image_root is not None else default_image_root(path)
+        if image_root is None:
+            image_root = default_image_root(source or path)
+        self.image_root = image_root if is_remote(str(image_root)) else Path(image_root)
+        self._fetched: dict[str, Any] = {}
         self._lines = _open_jsonl(path)
         self.blocks = [(0, len(self._lines))]
 
@@ -201,9 +226,30 @@ class Mmc4Shard:
             )
         return {"key": f"{i}", "text_list": texts, "image_info": infos}
 
+    def fetch_images(self, names: list[Any]) -> None:
+        """Remote images: fetch ``names`` concurrently now; ``read_image`` then takes them."""
+        if not isinstance(self.image_root, str) or len(names) < 2:
+            return
+        todo = [n for n in names if isinstance(n, str) and _is_safe_relative(n)]
+
+        def get(name: str) -> Any:
+            try:
+                return _read_image_file(remote.join(self.image_root, name))
+            except BadSample as e:
+                return e
+
+        self._fetched = dict(zip(todo, remote.pool("images", 8).map(get, todo)))
+
     def read_image(self, name: Any) -> bytes:
+        got = self._fetched.pop(name, None) if isinstance(name, str) else None
+        if isinstance(got, BadSample):
+            raise got
+        if got is not None:
+            return got
         if not isinstance(name, str) or not _is_safe_relative(name):
             raise BadSample("image_info", f"{self.path}: image name {name!r} is not a relative path")
+        if isinstance(self.image_root, str):
+            return _read_image_file(remote.join(self.image_root, name))
         return _read_image_file(self.image_root / name)
 
     def close(self) -> None:
@@ -233,9 +279,10 @@ class ParquetShard:
         pq = _pyarrow_parquet()
         self.path = path
         try:
-            self._file = pq.ParquetFile(path, memory_map=True)
+            self._source = remote.ResilientFile(path) if is_remote(path) else None
+            self._file = pq.ParquetFile(self._source or path, memory_map=self._source is None)
         except Exception as e:  # pyarrow raises its own error types (ArrowInvalid, OSError)
-            raise BadSample("shard_unreadable", f"{path}: {e}") from e
+            raise _unreadable(path, e) from e
         names = set(self._file.schema_arrow.names)
         if not {"texts", "images"} <= names:
             raise BadSample(
@@ -281,6 +328,8 @@ class ParquetShard:
         if isinstance(ref, str):
             if re.match(r"^[a-z][a-z0-9+.-]*://", ref):
                 raise BadSample("image_url", f"{self.path}: remote image {ref[:80]!r} (fetch images first)")
+            if is_remote(self.path) and not os.path.isabs(ref):
+                return _read_image_file(remote.join(remote.parent(self.path), ref))
             path = Path(ref) if os.path.isabs(ref) else Path(self.path).parent / ref
             return _read_image_file(path)
         raise BadSample("parquet_row", f"{self.path}: image entry of type {type(ref).__name__}")
@@ -288,6 +337,8 @@ class ParquetShard:
     def close(self) -> None:
         self._rows = {}
         self._group = None
+        if self._source is not None:
+            self._source.close()  # reopened (at the byte asked) if the shard is read again
 
 
 def count_parquet(path: str) -> int:
@@ -297,12 +348,24 @@ def count_parquet(path: str) -> int:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def open_shard(dataset_type: str, path: str, image_root: str | os.PathLike | None = None):
-    """A reader for one shard of ``dataset_type`` ("webdataset" | "mmc4" | "obelics")."""
+def open_shard(
+    dataset_type: str,
+    path: str,
+    image_root: str | os.PathLike | None = None,
+    cache_dir: str | None = None,
+):
+    """A reader for one shard of ``dataset_type`` ("webdataset" | "mmc4" | "obelics"); a remote
+    shard is first copied whole into ``cache_dir`` when given (then read like a local one)."""
+    source = path
+    if cache_dir and is_remote(path):
+        try:
+            path = remote.cached_copy(path, cache_dir)
+        except OSError as e:
+            raise _unreadable(source, e) from e
     if dataset_type == "webdataset":
         return TarShard(path)
     if dataset_type == "mmc4":
-        return Mmc4Shard(path, image_root)
+        return Mmc4Shard(path, image_root, source=source)
     if dataset_type == "obelics":
         return ParquetShard(path)
     raise ValueError(f"dataset_type must be 'webdataset', 'mmc4' or 'obelics', got {dataset_type!r}")

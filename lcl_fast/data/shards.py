@@ -3,7 +3,8 @@
 ``expand_shards(spec, dataset_type)`` turns ``--train-data`` into a list of shard paths, as
 open_clip does: a folder (every shard file in it), a brace pattern
 (``shard-{000000..000009}.tar``, expanded with ``braceexpand``) or several of those joined by
-``::``. The order is kept (folders sorted), so every rank sees the same list.
+``::``. The order is kept (folders sorted), so every rank sees the same list. Remote URLs
+(``s3://...``, ``pipe:COMMAND``) are expanded the same way; a remote folder is listed.
 
 Index files (``<shard>.lclidx``, JSON) hold what must be read once per shard: the byte ranges
 of a tar's members, the number of documents of a jsonl shard. They are written next to the
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import braceexpand
+
+from .remote import is_remote
 
 INDEX_SUFFIX = ".lclidx"
 _EXTENSIONS = {
@@ -51,10 +54,14 @@ def expand_shards(spec: str, dataset_type: str) -> list[str]:
         raise ValueError(f"no shards given for dataset_type {dataset_type!r} (train_data is empty)")
     shards: list[str] = []
     for part in spec.split("::"):
-        part = os.path.expanduser(part.strip())
+        part = part.strip()
+        if not is_remote(part):
+            part = os.path.expanduser(part)
         if not part:
             continue
-        if os.path.isdir(part):
+        if is_remote(part):
+            shards.extend(_remote_part(part, dataset_type))
+        elif os.path.isdir(part):
             found = _folder_shards(Path(part), dataset_type)
             if not found:
                 raise ValueError(
@@ -67,6 +74,20 @@ def expand_shards(spec: str, dataset_type: str) -> list[str]:
     if not shards:
         raise ValueError(f"train_data {spec!r} names no shards")
     return shards
+
+
+def _remote_part(part: str, dataset_type: str) -> list[str]:
+    """A remote pattern, pipe or shard URL as is; a remote folder listed (``<root>/data`` for MMC4)."""
+    exts = _EXTENSIONS[dataset_type]
+    if part.startswith("pipe:") or "{" in part or part.endswith(exts):
+        return list(braceexpand.braceexpand(part))
+    from . import remote
+
+    for folder in ([remote.join(part, "data")] if dataset_type == "mmc4" else []) + [part]:
+        found = remote.list_folder(folder, exts)
+        if found:
+            return found
+    raise ValueError(f"{part} is no {dataset_type} shard (files end in {exts}) nor a folder holding some")
 
 
 def _index_paths(shard: str) -> list[Path]:

@@ -6,7 +6,9 @@ on. Kinds used: ``image_decode`` (corrupt or unsupported image), ``image_missing
 found), ``image_info`` (an MMC4 image entry that is malformed or points at no sentence),
 ``image_url`` (a remote image in a parquet row), ``tar_member`` (truncated or unreadable member),
 ``incomplete_sample`` (a webdataset sample without image or caption), ``caption`` (undecodable
-caption), ``jsonl_line``, ``parquet_row``, ``shard_unreadable``, ``doc_no_images`` (a
+caption), ``jsonl_line``, ``parquet_row``, ``shard_unreadable`` (a shard that cannot be opened, or a remote
+read still failing after its retries), ``shard_missing`` (a listed shard that does not exist),
+``doc_no_images`` (a
 document left without images, dropped as the reference does) and ``error`` (any other exception
 while reading or building one sample: counted and logged, never fatal).
 """

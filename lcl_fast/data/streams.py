@@ -14,6 +14,10 @@ samples: each is read exactly once. A stream never ends: after its last shard it
 epoch ``e + 1``. Its position is ``(data_epoch, shard_pos, offset)`` plus its skip counts, a few
 integers; every sample's randomness (image placement, crop windows) comes from a seed mixed from
 ``(seed, data_epoch, shard, index)``, so a stream restarted from a position repeats itself exactly.
+
+With ``resampled`` each stream draws its shards with replacement instead (as many per data epoch
+as it would read without). Remote tars are read front to back instead of by index, and a sample
+shuffle buffer may sit on top of either kind of stream: see :mod:`lcl_fast.data.streaming`.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from . import remote
 from .decode import prepare_image
 from .packing import Row, RowPacker, collate
 from .readers import open_shard
+from .remote import is_remote
 from .sequences import (
     MAX_IMAGES,
     SIM_THRESHOLD,
@@ -70,6 +76,9 @@ class StreamConfig:
     shuffle: bool = True
     sim_threshold: float = SIM_THRESHOLD
     max_images: int = MAX_IMAGES
+    shuffle_buffer: int = 0  # samples held by each stream's shuffle buffer (0: none)
+    resampled: bool = False  # shards drawn with replacement (open_clip's --dataset-resampled)
+    cache_dir: Optional[str] = None  # remote shards are copied whole here first (else streamed)
 
     @property
     def num_streams(self) -> int:
@@ -77,7 +86,12 @@ class StreamConfig:
 
     @property
     def sample_mode(self) -> bool:
-        return len(self.shards) < self.num_streams
+        return len(self.shards) < self.num_streams and not self.resampled
+
+    @property
+    def streamed(self) -> bool:
+        """Remote tars without a cache: read front to back (no random access, no index)."""
+        return self.dataset_type == "webdataset" and not self.cache_dir and any(map(is_remote, self.shards))
 
 
 def new_position() -> dict[str, Any]:
@@ -98,6 +112,7 @@ class SampleStream:
         self.data_epoch, self.shard_pos, self.offset = pos["data_epoch"], pos["shard_pos"], pos["offset"]
         self.skips = SkipCounter(pos.get("skips"))
         self._plan: tuple[int, list[int]] = (-1, [])
+        self._fetching: dict[str, Any] = {}  # url -> Future of a shard fetched ahead
         self._open: tuple[Any, ...] = ()  # (data_epoch, shard_pos, reader, order)
         # To fail loudly instead of spinning when a whole pass over the shards yields nothing.
         self._whole_epoch = self.shard_pos == 0 and self.offset == 0
@@ -113,6 +128,12 @@ class SampleStream:
 
     def plan(self, epoch: int) -> list[int]:
         """Shard ids (into ``cfg.shards``) this stream reads in data epoch ``epoch``."""
+        if self._plan[0] != epoch and self.cfg.resampled:
+            # With replacement: each stream draws its own shards, as many per data epoch as it
+            # would read without replacement.
+            rng = random.Random(mix_seed(self.cfg.seed, epoch, self.sid, 5))
+            n = len(self.cfg.shards)
+            self._plan = (epoch, [rng.randrange(n) for _ in range(-(-n // self.cfg.num_streams))])
         if self._plan[0] != epoch:
             order = list(range(len(self.cfg.shards)))
             if self.cfg.shuffle:
@@ -144,6 +165,23 @@ class SampleStream:
             self._open[2].close()
         self._open = ()
 
+    def _fetch_ahead(self, plan: list[int]) -> None:
+        """Remote shards read whole (MMC4 jsonl; any shard with a cache folder): wait for the
+        current one if it is being fetched, and start fetching the next one."""
+        cfg = self.cfg
+        if not (cfg.cache_dir or cfg.dataset_type == "mmc4"):
+            return
+        current = cfg.shards[plan[self.shard_pos]]
+        pending = self._fetching.pop(current, None)
+        if pending is not None:
+            pending.exception()  # its errors (if any) come again, and are counted, when it is opened
+        if self.shard_pos + 1 < len(plan):
+            url = cfg.shards[plan[self.shard_pos + 1]]
+            if is_remote(url) and url not in self._fetching:
+                for stale in list(self._fetching):  # a restored stream may leave one behind
+                    self._fetching.pop(stale).cancel()
+                self._fetching[url] = remote.pool("shards", 2).submit(remote.prefetch_whole, url, cfg.cache_dir)
+
     def next(self) -> tuple[dict[str, Any], Any, int]:
         """``(raw sample, its shard reader, its seed)``; bad samples are counted and passed over."""
         cfg = self.cfg
@@ -163,8 +201,9 @@ class SampleStream:
             if not self._open or self._open[:2] != (self.data_epoch, self.shard_pos):
                 self._close()
                 shard_id = plan[self.shard_pos]
+                self._fetch_ahead(plan)
                 try:
-                    reader = open_shard(cfg.dataset_type, cfg.shards[shard_id], cfg.image_root)
+                    reader = open_shard(cfg.dataset_type, cfg.shards[shard_id], cfg.image_root, cfg.cache_dir)
                 except BadSample as e:
                     self.skips.bad(e)
                     self.shard_pos, self.offset = self.shard_pos + 1, 0
@@ -191,7 +230,30 @@ class SampleStream:
                 self.skips.add("error", f"{reader.path}: sample {index}: {type(e).__name__}: {e}")
                 continue
             self._returned += 1
+            self.last_id = [self.data_epoch, self.shard_pos, index]
             return raw, reader, mix_seed(cfg.seed, self.data_epoch, plan[self.shard_pos], index, 3)
+
+    def refetch(self, ids: list[list[int]]) -> list[Optional[tuple]]:
+        """``(id, raw, reader, seed)`` of samples ``[data_epoch, shard_pos, index]`` read before
+        (a restored shuffle buffer); None for one that cannot be read any more."""
+        cfg, out, readers = self.cfg, [], {}
+        for sample_id in ids:
+            epoch, pos, index = sample_id[:3]
+            shard_id = self.plan(epoch)[pos]
+            try:
+                if shard_id not in readers:
+                    readers[shard_id] = open_shard(
+                        cfg.dataset_type, cfg.shards[shard_id], cfg.image_root, cfg.cache_dir
+                    )
+                raw = readers[shard_id].read(index)
+            except Exception as e:  # counted; the restored buffer is one sample short
+                self.skips.add("error", f"{cfg.shards[shard_id]}: sample {index} on resume: {e}")
+                out.append(None)
+                continue
+            out.append((list(sample_id), raw, readers[shard_id], mix_seed(cfg.seed, epoch, shard_id, index, 3)))
+        for reader in readers.values():
+            reader.close()
+        return out
 
 
 class RowMaker:
@@ -247,6 +309,8 @@ class RowMaker:
         )
         for _ in range(malformed):
             skips.add("image_info", f"{where}: malformed image_info entry")
+        if hasattr(reader, "fetch_images"):  # remote images: all of the document's at once
+            reader.fetch_images([name for _, name in chosen])
         loaded = [
             (ix, img)
             for ix, name in chosen
@@ -296,9 +360,13 @@ class BatchStream:
 
     def __init__(self, cfg: StreamConfig, stream_id: int, position: Optional[dict[str, Any]] = None):
         self.cfg = cfg
-        self.samples = SampleStream(cfg, stream_id, position)
+        from .streaming import make_sample_stream
+
+        self.samples = make_sample_stream(cfg, stream_id, position)
         self.make_row = RowMaker(cfg)
         self._carry: Optional[Row] = None
+        self._carry_key: Optional[str] = None
+        self.last_key = ""
         pos = self.samples
         self._whole_epoch, self._rows = pos.shard_pos == 0 and pos.offset == 0, 0
 
@@ -321,21 +389,26 @@ class BatchStream:
                 row = None
             if row is not None:
                 self._rows += 1
+                # what --data-audit records: data epoch, shard, key
+                self.last_key = f"{samples.last_id[0]}\t{reader.path}\t{raw.get('key')}"
                 return row
 
     def next_batch(self) -> dict[str, Any]:
         cfg = self.cfg
         packer = RowPacker(cfg.batch_size, cfg.context_length, cfg.pack)
+        keys = []
         if self._carry is not None:
             packer.add(self._carry)
+            keys.append(self._carry_key)
             self._carry = None
         while True:
             before = self.samples.position()
             row = self._next_row()
             if not packer.add(row):
                 # The row opens the next batch; the position before it is where a restart resumes.
-                self._carry, position = row, before
+                self._carry, self._carry_key, position = row, self.last_key, before
                 break
+            keys.append(self.last_key)
             if packer.full():
                 position = self.samples.position()
                 break
@@ -346,4 +419,5 @@ class BatchStream:
         else:
             batch["image_items"] = items
         batch["position"] = position
+        batch["keys"] = keys
         return batch

@@ -69,6 +69,20 @@ class TrainConfig:
     )
     img_first_prob: float = _field(0.5, "probability that an image comes before its text")
     pack: bool = _field(False, "pack several documents into one row (no padding waste)")
+    train_num_samples: Optional[int] = _field(
+        None, "samples per epoch (default: counted; remote shards: from a sizes.json beside them)"
+    )
+    dataset_resampled: bool = _field(False, "draw shards with replacement (open_clip's resampling)")
+    shuffle_buffer: int = _field(1000, "samples per data stream in the sample shuffle buffer (0: off)")
+    cache_dir: Optional[str] = _field(
+        None, "copy remote shards whole into this folder before reading (default: stream them)"
+    )
+    mmc4_images: Optional[str] = _field(
+        None, "MMC4 image folder or URL prefix (default: <root>/images beside <root>/data)"
+    )
+    data_audit: Optional[str] = _field(
+        None, "append each consumed sample's key to this file (.rank<r> added per rank)"
+    )
     workers: int = _field(0, "data-loader worker processes per rank")
     batch_size: int = _field(32, "sequences per rank per micro-step")
     # --- schedule
@@ -203,7 +217,7 @@ def _check_train_data(cfg: TrainConfig) -> None:
 
     try:
         shards = expand_shards(cfg.train_data, cfg.dataset_type)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:
         raise ConfigError(f"--train-data: {err}") from None
     local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
     missing = [s for s in local if not os.path.exists(s)]
@@ -230,9 +244,11 @@ def validate(cfg: TrainConfig) -> None:
         "interleaved_context_length",
         "num_img_token",
         "grad_clip_norm",
+        "train_num_samples",
     )
     _positive(
         cfg,
+        "shuffle_buffer",
         "wd",
         "warmup",
         "workers",

@@ -115,6 +115,8 @@ def test_open_clip_flags_parse(tmp_path):
         (["--dataset-type", "csv"], "argument --dataset-type: invalid choice: 'csv'"),
         (["--batchsize", "8"], "unrecognized arguments: --batchsize"),
         (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+        (["--shuffle-buffer", "-1"], "--shuffle-buffer must be >= 0"),
+        (["--train-num-samples", "0"], "--train-num-samples must be > 0"),
     ],
 )
 def test_bad_flags_fail_before_any_work(argv, needle, tmp_path, capsys):
