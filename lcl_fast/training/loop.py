@@ -40,7 +40,7 @@ from .distributed import (
     scalar_params,
     unwrap,
 )
-from .logging_utils import RunRecorder, Throughput, log
+from .logging_utils import RunRecorder, Throughput, batch_counts, log
 from .optim import clamp_logit_scale
 
 WINDOW = 10  # steps averaged for the summary's first/last losses
@@ -55,7 +55,8 @@ class TrainState:
     """Counters that travel in the checkpoint."""
 
     step: int = 0
-    samples: int = 0
+    samples: int = 0  # pairs (paired data) or documents (interleaved), all ranks; never packed rows
+    tokens: int = 0  # non-padding text tokens that reached the model, all ranks
     train_seconds: float = 0.0
     skipped_nonfinite: int = 0
     nonfinite_in_row: int = 0
@@ -252,7 +253,18 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ------------------------------------------------------------------ the loop
-    def _record(self, result: StepResult, throughput: float) -> None:
+    def _count(self, micro_batches: list[dict]) -> tuple[int, int]:
+        """(samples, tokens) this step trained on, summed over micro-batches and ranks."""
+        pad_id = getattr(unwrap(self.model), "pad_id", 0)
+        counts = [batch_counts(b, pad_id) for b in micro_batches]
+        samples, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        if self.env.distributed:  # ranks pack different numbers of documents
+            t = torch.tensor([samples, tokens], dtype=torch.int64, device=self.env.device)
+            torch.distributed.all_reduce(t)
+            samples, tokens = (int(v) for v in t.tolist())
+        return samples, tokens
+
+    def _record(self, result: StepResult, rates: tuple[float, float]) -> None:
         s = self.state
         record = {
             "step": s.step,
@@ -263,7 +275,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": result.grad_norm,
             "logit_scale": float(unwrap(self.model).logit_scale.detach().float().exp().mean()),
-            "samples_per_s": throughput,
+            "samples_per_s": rates[0],
+            "tokens_per_s": rates[1],
             "skipped_nonfinite": s.skipped_nonfinite,
             "data_skipped": sum(self.loader.skip_counts.values()),
             "padding_fraction": self.loader.padding_fraction,
@@ -311,25 +324,29 @@ class Trainer:
         cfg, s = self.cfg, self.state
         self.recorder.open_bar(self.total_steps, s.step)
         window = Throughput()
-        rate = 0.0
-        samples_per_step = cfg.batch_size * cfg.accum_freq * self.env.world_size
+        rates = (0.0, 0.0)
         try:
             while s.step < self.total_steps:
                 t0 = time.perf_counter()
-                result = self.train_step([self._next_batch() for _ in range(cfg.accum_freq)])
+                micro_batches = [self._next_batch() for _ in range(cfg.accum_freq)]
+                result = self.train_step(micro_batches)
+                samples, tokens = self._count(micro_batches)
                 s.step += 1
-                s.samples += samples_per_step
+                s.samples += samples
+                s.tokens += tokens
                 s.train_seconds += time.perf_counter() - t0
-                window.add(samples_per_step)
+                window.add(samples, tokens)
                 self._track(result)
                 if s.step % cfg.log_every_n_steps == 0 or result.skipped or s.step == self.total_steps:
-                    rate = window.read()
-                    self._record(result, rate)
+                    rates = window.read()
+                    self._record(result, rates)
                 self.recorder.advance(
                     {
                         "loss": f"{result.loss:.3f}",
                         "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                        "samples/s": f"{rate:.0f}",
+                        "samples/s": f"{rates[0]:.0f}",
+                        "tok/s": f"{rates[1]:.0f}",
+                        "pad": f"{100 * self.loader.padding_fraction:.0f}%",
                     }
                 )
                 if s.nonfinite_in_row >= cfg.max_nonfinite_steps:

@@ -39,6 +39,9 @@ def summarize(
         "retrieval_before": before,
         "retrieval_after": after,
         "samples_per_s": s.samples / s.train_seconds if s.train_seconds else 0.0,
+        "tokens_per_s": s.tokens / s.train_seconds if s.train_seconds else 0.0,
+        "samples": s.samples,
+        "tokens": s.tokens,
         "train_seconds": s.train_seconds,
         "wall_seconds": wall,
         "skipped": {"nonfinite_steps": s.skipped_nonfinite, "data": trainer.data_skips()},
@@ -70,6 +73,9 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         )
     if "zeroshot_top1_after" in summary:
         lines.append(f"  zero-shot top-1: {pct(summary['zeroshot_top1_after'])}")
-    lines.append(f"  throughput: {summary['samples_per_s']:.0f} samples/s; skipped: {summary['skipped']}")
+    lines.append(
+        f"  throughput: {summary['samples_per_s']:.1f} samples/s, {summary['tokens_per_s']:.0f} tokens/s "
+        f"(padding {100 * summary['padding_fraction']:.0f}%); skipped: {summary['skipped']}"
+    )
     lines.append(f"  run folder: {run_dir}  (out.log, metrics.jsonl, summary.json, curves.png, checkpoints/)")
     print("\n".join(lines), flush=True)
