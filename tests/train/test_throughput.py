@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 import lcl_fast
-
 from lcl_fast.data.packing import Row, collate
 from lcl_fast.train import main
 from lcl_fast.training.logging_utils import batch_counts
