@@ -233,8 +233,9 @@ def _validate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
 
 
 def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Reject labels outside ``[0, V)`` that are not ignored (CPU only: on CUDA it would sync)."""
-    if labels.is_cuda or labels.numel() == 0:
+    """Reject labels outside ``[0, V)`` that are not ignored (eager CPU only: on CUDA it would sync,
+    compiled it would break the graph; the model's own labels are its in-range token ids)."""
+    if labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
