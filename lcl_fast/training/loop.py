@@ -42,6 +42,7 @@ from .distributed import (
 )
 from .logging_utils import RunRecorder, Throughput, batch_counts, log
 from .optim import clamp_logit_scale
+from .step import StepFunction, compilations
 
 WINDOW = 10  # steps averaged for the summary's first/last losses
 
@@ -58,6 +59,10 @@ class TrainState:
     samples: int = 0  # pairs (paired data) or documents (interleaved), all ranks; never packed rows
     tokens: int = 0  # non-padding text tokens that reached the model, all ranks
     train_seconds: float = 0.0
+    warmup_seconds: float = 0.0  # steps during which torch.compile compiled (part of train_seconds)
+    warmup_samples: int = 0
+    warmup_tokens: int = 0
+    compilations: int = 0
     skipped_nonfinite: int = 0
     nonfinite_in_row: int = 0
     first_losses: list = field(default_factory=list)  # [loss, contrastive, caption] of the first steps
@@ -138,6 +143,11 @@ class Trainer:
         # FSDP2 leaves the scalar parameters replicated: their gradients are averaged here.
         self._replicated = scalar_params(unwrap(model)) if cfg.fsdp else []
         self.last_checkpoint: Optional[Path] = None
+        # model + loss, compiled as one graph with --torchcompile (value checks stay eager, per batch)
+        self.step_fn = StepFunction(model, loss_fn, compile=cfg.torchcompile)
+        self._optimizer_step = optimizer.step
+        if cfg.torchcompile and cfg.compile_optimizer:
+            self._optimizer_step = torch.compile(optimizer.step, fullgraph=False)
 
     # ------------------------------------------------------------------ data
     def _next_batch(self) -> dict:
@@ -154,14 +164,7 @@ class Trainer:
     def _forward_backward(self, batch: dict, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with no_sync(self.model, last):
             with self.autocast():
-                out = self.model(
-                    batch["images"],
-                    batch["text_ids"],
-                    doc_ids=batch.get("doc_ids"),
-                    position_ids=batch.get("position_ids"),
-                )
-                losses = self.loss_fn(**out, output_dict=True)
-            contrastive, caption = losses["contrastive_loss"], losses["caption_loss"]
+                contrastive, caption = self.step_fn(batch)
             total = (contrastive.to(caption.device) + caption) / self.cfg.accum_freq
             (self.scaler.scale(total) if self.scaler is not None else total).backward()
         return contrastive.detach().float().to(caption.device), caption.detach().float()
@@ -191,7 +194,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         if not bad:
             clamp_logit_scale(unwrap(self.model))
@@ -328,13 +331,23 @@ class Trainer:
         try:
             while s.step < self.total_steps:
                 t0 = time.perf_counter()
+                compiled_before = compilations()
                 micro_batches = [self._next_batch() for _ in range(cfg.accum_freq)]
                 result = self.train_step(micro_batches)
                 samples, tokens = self._count(micro_batches)
+                seconds = time.perf_counter() - t0
                 s.step += 1
                 s.samples += samples
                 s.tokens += tokens
-                s.train_seconds += time.perf_counter() - t0
+                s.train_seconds += seconds
+                if compilations() > compiled_before:  # warm-up, reported apart from the steady state
+                    s.compilations += compilations() - compiled_before
+                    s.warmup_seconds += seconds
+                    s.warmup_samples += samples
+                    s.warmup_tokens += tokens
+                    window.reset()
+                    log.info("step %d compiled %d graph(s) in %.1f s", s.step, compilations() - compiled_before,
+                             seconds)
                 window.add(samples, tokens)
                 self._track(result)
                 if s.step % cfg.log_every_n_steps == 0 or result.skipped or s.step == self.total_steps:

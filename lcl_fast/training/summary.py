@@ -16,6 +16,17 @@ def _mean(rows: list, col: int) -> float:
     return float(np.mean([r[col] for r in rows])) if rows else math.nan
 
 
+def _steady(s) -> dict:
+    """Throughput without the steps that compiled (``--torchcompile``), and the warm-up they took."""
+    seconds = s.train_seconds - s.warmup_seconds
+    return {
+        "steady_samples_per_s": (s.samples - s.warmup_samples) / seconds if seconds > 0 else 0.0,
+        "steady_tokens_per_s": (s.tokens - s.warmup_tokens) / seconds if seconds > 0 else 0.0,
+        "warmup_seconds": s.warmup_seconds,
+        "compilations": s.compilations,
+    }
+
+
 def summarize(
     trainer: Trainer, before: dict, after: dict, env: D.DistEnv, wall: float, stopped: Optional[str]
 ) -> dict:
@@ -41,6 +52,7 @@ def summarize(
         "samples_per_s": s.samples / s.train_seconds if s.train_seconds else 0.0,
         "tokens_per_s": s.tokens / s.train_seconds if s.train_seconds else 0.0,
         "samples": s.samples,
+        **_steady(s),
         "tokens": s.tokens,
         "train_seconds": s.train_seconds,
         "wall_seconds": wall,
@@ -77,5 +89,10 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         f"  throughput: {summary['samples_per_s']:.1f} samples/s, {summary['tokens_per_s']:.0f} tokens/s "
         f"(padding {100 * summary['padding_fraction']:.0f}%); skipped: {summary['skipped']}"
     )
+    if summary["compilations"]:
+        lines.append(
+            f"  torch.compile: {summary['compilations']} graph(s) in {summary['warmup_seconds']:.1f} s of warm-up; "
+            f"steady state {summary['steady_samples_per_s']:.1f} samples/s"
+        )
     lines.append(f"  run folder: {run_dir}  (out.log, metrics.jsonl, summary.json, curves.png, checkpoints/)")
     print("\n".join(lines), flush=True)
