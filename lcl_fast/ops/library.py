@@ -27,6 +27,7 @@ Gradients not asked for come back as empty ``[0]`` tensors (a custom op returns 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -352,11 +353,27 @@ def _(q, k, v, doc_ids, image_ids, causal, scale):
     return q.new_empty(q.shape)
 
 
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Autograd back on inside a custom op's kernel (the dispatcher turns it off below the op's
+    own autograd formula), so that the backward can differentiate the recomputed forward."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for name in dir(torch._C.DispatchKey):
+        if name.startswith("Autograd") or name == "ADInplaceOrView":
+            try:
+                excluded = excluded.remove(getattr(torch._C.DispatchKey, name))
+            except RuntimeError:  # not a key a set can hold
+                pass
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded):
+        with torch.enable_grad():
+            yield
+
+
 @torch.library.custom_op("lcl_fast::attention_torch_bwd", mutates_args=())
 def attention_torch_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor],
                         image_ids: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv by recomputing the forward under autograd (the op saves only its inputs)."""
-    with torch.enable_grad():
+    with _autograd_inside_op():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = A._torch_attention(*leaves, doc_ids, image_ids, causal, scale)
         grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)

@@ -97,3 +97,24 @@ def test_compiled_forward_rejects_nothing_eager_accepts_and_eager_keeps_errors(g
     batch["images"] = batch["images"][:5]  # one image short
     with pytest.raises(ValueError, match="img_placehold"):
         StepFunction(model, loss_fn, compile=True, backend="eager")(batch)  # checked eagerly, before the graph
+
+
+def test_compiled_packed_rows_match_eager(golden_dir):
+    """Packed rows (``doc_ids``): the torch path's per-document attention runs as one custom op."""
+    golden = torch.load(golden_dir / "interleaved_a.pt")
+    model, loss_fn = _golden_model(golden, "torch")
+    batch = _batches(golden, [[1, 2]])[0]
+    # two documents per row: the row's first 40 tokens and the rest, each with its own positions
+    text = batch["text_ids"]
+    doc_ids = torch.where(torch.arange(text.shape[1]) < 40, 0, 1).expand_as(text).clone()
+    doc_ids[text == 0] = -1  # trailing padding
+    batch["doc_ids"] = doc_ids
+    batch["position_ids"] = torch.where(doc_ids == 1, torch.arange(text.shape[1]) - 40, torch.arange(text.shape[1]))
+    batch["position_ids"] = batch["position_ids"].clamp_min(0) * (doc_ids >= 0)
+    counter = CompileCounterWithBackend("aot_eager")
+    got = _losses_and_grads(StepFunction(model, loss_fn, compile=True, backend=counter, fullgraph=True), model, batch)
+    want = _losses_and_grads(StepFunction(model, loss_fn), model, batch)
+    assert counter.frame_count == 1
+    assert rel_err(got[0], want[0]) <= 1e-5 and rel_err(got[1], want[1]) <= 1e-5
+    for name, g in got[2].items():
+        assert rel_err(g, want[2][name]) <= 1e-4, name
