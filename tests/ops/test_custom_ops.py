@@ -50,8 +50,8 @@ def test_linear_cross_entropy_ops(impl, reduction):
                                                              True, False))
     _, lse, _, _ = ops.linear_cross_entropy_fwd(hidden, weight, labels, 0, reduction, impl, False, False)
     grad = torch.ones(()) if reduction != "none" else torch.ones(T)
-    torch.library.opcheck(ops.linear_cross_entropy_bwd, (grad, hidden.detach(), weight.detach(), labels, lse.detach(), 0,
-                                                         reduction, impl, True, True))
+    args = (grad, hidden.detach(), weight.detach(), labels, lse.detach(), 0, reduction, impl, True, True)
+    torch.library.opcheck(ops.linear_cross_entropy_bwd, args)
 
 
 def _ids(length: int):
