@@ -231,7 +231,11 @@ def ratios(this: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, 
         return out
     t, t_ref = this.get("time_median_s"), reference.get("time_median_s")
     m, m_ref = this.get("peak_memory_bytes"), reference.get("peak_memory_bytes")
-    if t and t_ref:
+    if this.get("speedup_by") == "throughput":  # contenders did different work (packed rows): compare rates
+        r, r_ref = this.get("throughput"), reference.get("throughput")
+        if r and r_ref and this.get("throughput_unit") == reference.get("throughput_unit"):
+            out["speedup_vs_reference"] = round(r / r_ref, 4)
+    elif t and t_ref:
         out["speedup_vs_reference"] = round(t_ref / t, 4)
     if m and m_ref:
         out["memory_vs_reference"] = round(m_ref / m, 4)

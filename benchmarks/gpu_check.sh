@@ -73,6 +73,19 @@ bench_rc=${PIPESTATUS[0]}
 bench_note="benchmarks exit ${bench_rc}"
 [ "$bench_rc" -eq 124 ] && bench_note="benchmarks stopped at the ${BENCH_BUDGET}s budget: later groups are missing"
 
+# -- train group (benchmarks/bench_train.py): loader -> model -> loss -> optimizer, B/16 LAION pairs and
+#    B/32 MMC4 documents; reference vs lcl-fast eager / --pack / compiled. Own budget and JSON
+#    (LCL_GPU_TRAIN_BUDGET_S, default 120; 0 skips it); its ratios print in train.log's summary table.
+TRAIN_BUDGET=${LCL_GPU_TRAIN_BUDGET_S:-120}
+train_rc=0
+if [ "$TRAIN_BUDGET" -gt 0 ]; then
+    echo "== train group (budget ${TRAIN_BUDGET}s)"
+    timeout -s INT -k 30 "$TRAIN_BUDGET" $PY -m pytest benchmarks/bench_train.py --benchmark-only \
+        --benchmark-json="$OUT_DIR/bench_train.json" -q -rs -p no:cacheprovider --benchmark-columns=median,rounds \
+        2>&1 | tee "$OUT_DIR/train.log"
+    train_rc=${PIPESTATUS[0]}
+fi
+
 echo "== 3/3 report"
 report_rc=1
 if [ -s "$OUT_DIR/bench.json" ]; then
@@ -82,7 +95,7 @@ if [ -s "$OUT_DIR/bench.json" ]; then
     report_rc=$?
     cat "$OUT_DIR/RESULTS.md"
 fi
-echo "tiles vs audit exit ${configs_rc} (informational), tests exit ${tests_rc}, benchmarks exit ${bench_rc}, report exit ${report_rc}"
+echo "tiles vs audit exit ${configs_rc} (informational), tests exit ${tests_rc}, benchmarks exit ${bench_rc}, train group exit ${train_rc}, report exit ${report_rc}"
 for rc in "$tests_rc" "$bench_rc" "$report_rc"; do
     [ "$rc" -ne 0 ] && exit "$rc"
 done

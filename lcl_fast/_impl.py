@@ -14,7 +14,6 @@ Each op takes ``impl`` in ``"reference" | "torch" | "triton" | "auto"``:
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -23,10 +22,14 @@ import torch
 IMPLS = ("reference", "torch", "triton", "auto")
 
 
-@functools.cache
+# Looked up once at import (finding the spec does not import triton); a plain constant, so a
+# compiled graph reads it without tracing a cached function.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (checked once, lazily)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` package can be imported."""
+    return _TRITON_FOUND
 
 
 def triton_interpreter() -> bool:

@@ -91,10 +91,11 @@ class LCLLoss(nn.Module):
         if logits is not None:
             if logits.shape[:-1] != labels.shape:
                 raise ValueError(f"logits {list(logits.shape)} do not match labels {list(labels.shape)}")
-            if not bool((labels != self.pad_id).any()):
-                # The reference returns NaN here (mean over no tokens); see the class docstring.
-                return logits.sum() * 0.0
-            return F.cross_entropy(logits, labels, ignore_index=self.pad_id)
+            # The mean over the non-pad labels, as F.cross_entropy's; with none the reference returns NaN,
+            # this a zero that still backprops (see the class docstring). Sum / count reads no value on the
+            # host (compiles whole).
+            total = F.cross_entropy(logits, labels, ignore_index=self.pad_id, reduction="sum")
+            return total / (labels != self.pad_id).sum().clamp_min(1).to(total.dtype)
         if hidden is None or lm_head_weight is None:
             raise ValueError("LCLLoss needs either logits or (hidden, lm_head_weight)")
         if hidden.shape[0] != labels.shape[0]:

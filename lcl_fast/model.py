@@ -167,7 +167,13 @@ class LCL(nn.Module):
         """Token embeddings with the image token embeddings spliced in at the placeholders (row-major)."""
         img_mask = text == self.img_id
         embs = self.text.token_embedding(text.masked_fill(img_mask, 0)).to(self._text_dtype())
-        return embs.masked_scatter(img_mask.unsqueeze(-1), image_embs.to(embs.dtype))
+        # the k-th placeholder (row-major) takes the k-th image token: a gather, so that the shapes
+        # never depend on token values (masked_scatter's would not, but it does not compile as well)
+        slot = (torch.cumsum(img_mask.flatten(), 0) - 1).clamp_min(0).view_as(text)
+        tokens = image_embs.reshape(-1, image_embs.shape[-1]).to(embs.dtype)
+        if tokens.shape[0] == 0:
+            return embs
+        return torch.where(img_mask.unsqueeze(-1), tokens[slot.clamp_max(tokens.shape[0] - 1)], embs)
 
     def image_ids(self, text: torch.Tensor) -> torch.Tensor:
         """Per-token image index (-1 for text) for bidirectional attention inside image blocks."""
@@ -188,34 +194,75 @@ class LCL(nn.Module):
         positions = torch.arange(text.shape[1], device=text.device)
         return torch.where(positions < length[:, None], 0, -1)
 
-    def contrastive_features(
-        self, pooled: torch.Tensor, hidden: torch.Tensor, text: torch.Tensor, position_ids: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_targets(
+        self, text: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
+        """Which tokens the losses read, as index tensors: the value-dependent part of the forward.
+
+        Returns ``pair_text_index [P]`` (flat ``B·L`` positions of the ``<start_of_img>`` tokens that
+        have context), ``pair_image_index [P]`` (their images, in row-major ``<start_of_img>`` order)
+        and ``gen_index [T]`` (flat ``B·(L-1)`` positions that predict a label: the reference's
+        selection). Their lengths vary from batch to batch; computed here, outside a compiled
+        forward (the training loop calls this on each batch), they enter it as inputs of dynamic
+        size instead of boolean-mask indexing inside it. ``forward`` computes them itself when not given.
+        """
         positions = position_ids if position_ids is not None else torch.arange(text.shape[1], device=text.device)
         soi = text == self.soi_id
         has_context = (positions > 0).expand_as(text)
-        text_feats = self.text.project(hidden[soi & has_context])
         # Images are in row-major order of their <start_of_img>; those opening a document have no context.
-        image_feats = pooled[has_context[soi]]
-        if image_feats.shape[0] != text_feats.shape[0]:
-            raise ValueError(
-                f"{image_feats.shape[0]} images with context but {text_feats.shape[0]} <start_of_img> "
-                "tokens with context: every image needs one <start_of_img>"
-            )
+        pair_text = torch.nonzero((soi & has_context).flatten()).squeeze(1)
+        pair_image = torch.nonzero(has_context[soi]).squeeze(1)
+        nxt = text[:, 1:]
+        mask = (nxt != self.img_id) & (nxt != self.eoi_id) & (nxt != self.pad_id)
+        if doc_ids is not None:  # packed rows: no prediction across a document boundary
+            mask &= doc_ids[:, 1:] == doc_ids[:, :-1]
+        return {
+            "pair_text_index": pair_text,
+            "pair_image_index": pair_image,
+            "gen_index": torch.nonzero(mask.flatten()).squeeze(1),
+        }
+
+    def contrastive_features(
+        self, pooled: torch.Tensor, hidden: torch.Tensor, pair_text_index: torch.Tensor, pair_image_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised (image, text) features ``[P, E]`` of the pairs picked by :meth:`batch_targets`."""
+        text_feats = self.text.project(hidden.reshape(-1, hidden.shape[-1])[pair_text_index])
+        image_feats = pooled[pair_image_index]
         # Normalised in float32 as the reference does, then back to the working dtype.
         text_feats = F.normalize(text_feats.float(), dim=-1).to(text_feats.dtype)
         image_feats = F.normalize(image_feats.float(), dim=-1).to(image_feats.dtype)
         return image_feats, text_feats
 
     def generation_targets(
-        self, hidden: torch.Tensor, text: torch.Tensor, doc_ids: Optional[torch.Tensor]
+        self, hidden: torch.Tensor, text: torch.Tensor, gen_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states that predict a label ``[T, W]``, their labels ``[T]``): the reference's selection."""
-        nxt = text[:, 1:]
-        mask = (nxt != self.img_id) & (nxt != self.eoi_id) & (nxt != self.pad_id)
-        if doc_ids is not None:  # packed rows: no prediction across a document boundary
-            mask &= doc_ids[:, 1:] == doc_ids[:, :-1]
-        return hidden[:, :-1][mask], nxt[mask]
+        """(hidden states that predict a label ``[T, W]``, their labels ``[T]``) at ``gen_index``."""
+        width = hidden.shape[-1]
+        return hidden[:, :-1].reshape(-1, width)[gen_index], text[:, 1:].reshape(-1)[gen_index]
+
+    def check_inputs(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        doc_ids: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        targets: Optional[dict] = None,
+    ) -> None:
+        """The checks that read token values (one host sync): ``forward`` runs them in eager mode;
+        a compiled forward skips them, and the training loop calls this once per batch instead."""
+        self._check_images(image)
+        self._check_text(text, image.shape[0])
+        for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
+            if t is not None and t.shape != text.shape:
+                raise ValueError(f"{name} shape {list(t.shape)} != text shape {list(text.shape)}")
+        if targets is not None:
+            n_text, n_image = targets["pair_text_index"].shape[0], targets["pair_image_index"].shape[0]
+            if n_text != n_image:
+                raise ValueError(
+                    f"{n_image} images with context but {n_text} <start_of_img> tokens with context: "
+                    "every image needs one <start_of_img>"
+                )
 
     def forward(
         self,
@@ -224,16 +271,38 @@ class LCL(nn.Module):
         *,
         doc_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
+        pair_text_index: Optional[torch.Tensor] = None,
+        pair_image_index: Optional[torch.Tensor] = None,
+        gen_index: Optional[torch.Tensor] = None,
     ) -> dict:
+        """Images ``[N, 3, S, S]`` and interleaved token ids ``[B, L]`` → the loss's inputs.
+
+        ``pair_text_index``/``pair_image_index``/``gen_index``: :meth:`batch_targets` of this batch
+        (all three or none; computed here when absent). With them, and under ``torch.compile``
+        (which skips the value checks: call :meth:`check_inputs` first), nothing in the forward
+        depends on token values through a shape: one graph, no break.
+        """
         if image is None:
             raise ValueError("LCL.forward needs images (use encode_text for text-only features)")
+        given = [t is not None for t in (pair_text_index, pair_image_index, gen_index)]
+        if any(given) and not all(given):
+            raise ValueError("pass pair_text_index, pair_image_index and gen_index together (LCL.batch_targets)")
+        compiling = torch.compiler.is_compiling()
+        if text is not None and not compiling:
+            targets = None
+            if not all(given):
+                targets = self.batch_targets(text, doc_ids, position_ids)
+                pair_text_index, pair_image_index = targets["pair_text_index"], targets["pair_image_index"]
+                gen_index = targets["gen_index"]
+            self.check_inputs(image, text, doc_ids=doc_ids, position_ids=position_ids, targets={
+                "pair_text_index": pair_text_index, "pair_image_index": pair_image_index})
         pooled, image_embs = self._encode_image(image)
         if text is None:
             return {"image_features": F.normalize(pooled, dim=-1), "image_embs": image_embs}
-        self._check_text(text, image.shape[0])
-        for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
-            if t is not None and t.shape != text.shape:
-                raise ValueError(f"{name} shape {list(t.shape)} != text shape {list(text.shape)}")
+        if not all(t is not None for t in (pair_text_index, pair_image_index, gen_index)):
+            targets = self.batch_targets(text, doc_ids, position_ids)  # compiled without targets: breaks here
+            pair_text_index, pair_image_index = targets["pair_text_index"], targets["pair_image_index"]
+            gen_index = targets["gen_index"]
 
         embs = self.interleaved_embeddings(image_embs, text)
         image_ids = self.image_ids(text) if self.image_bidirectional else None
@@ -243,8 +312,8 @@ class LCL(nn.Module):
             attn_doc_ids = self.padding_doc_ids(text)
         hidden = self._run_text(embs, position_ids, attn_doc_ids, image_ids)
 
-        image_features, text_features = self.contrastive_features(pooled, hidden, text, position_ids)
-        gen_hidden, labels = self.generation_targets(hidden, text, doc_ids)
+        image_features, text_features = self.contrastive_features(pooled, hidden, pair_text_index, pair_image_index)
+        gen_hidden, labels = self.generation_targets(hidden, text, gen_index)
         out = {
             "image_features": image_features,
             "text_features": text_features,

@@ -191,8 +191,6 @@ def build_trainer(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> tuple[Trai
     wrapped = D.wrap_model(model, env, fsdp=cfg.fsdp)  # before the optimizer: FSDP2 swaps the parameters
     optimizer, scheduler, scaler, warmup = build_optimization(cfg, model, total_steps, precision, env)
     seed_all(cfg.seed + env.rank)
-    if cfg.torchcompile:
-        wrapped = torch.compile(wrapped)
     recorder = RunRecorder(run_dir, env, tensorboard=cfg.report_to == "tensorboard", progress=cfg.progress)
     evaluator = RunEvaluator(cfg, env, wrapped, tokenizer, autocast, recorder, steps_per_epoch, total_steps)
     trainer = Trainer(

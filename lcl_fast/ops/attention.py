@@ -23,7 +23,6 @@ Three implementations (see :mod:`lcl_fast._impl`):
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -204,12 +203,6 @@ def _torch_attention(q, k, v, doc_ids, image_ids, causal, scale):
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@dataclass(frozen=True)
-class _Options:
-    scale: float
-    blocks: Optional[tuple[int, int]]
-
-
 class _MetadataCache:
     """The last metadata built, reused while the same id tensors come back unmodified.
 
@@ -238,27 +231,6 @@ class _MetadataCache:
 
 
 _metadata = _MetadataCache().get
-
-
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, meta, options: _Options):
-        from lcl_fast.kernels.attention_launch import attention_forward
-
-        out, lse = attention_forward(q, k, v, meta, options.scale, blocks=options.blocks)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta, ctx.options = meta, options
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        from lcl_fast.kernels.attention_launch import attention_backward
-
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(
-            grad_out, q, k, v, out, lse, ctx.meta, ctx.options.scale, blocks=ctx.options.blocks
-        )
-        return dq, dk, dv, None, None
 
 
 # ----------------------------------------------------------------------------------- entry
@@ -304,7 +276,20 @@ def interleaved_attention(
             raise ValueError(f"impl='triton' supports {_TRITON_DTYPES}, got {q.dtype}")
     if impl == "reference":
         return _reference_attention(q, k, v, doc_ids, image_ids, causal, scale)
+    compiling = torch.compiler.is_compiling()
     if impl == "torch":
+        if compiling and (doc_ids is not None or (image_ids is not None and causal)):
+            # per-document loops read the ids on the host: one opaque custom op in a compiled graph
+            from lcl_fast.ops.library import attention_torch_op
+
+            return attention_torch_op(q, k, v, doc_ids, image_ids, causal, scale)
         return _torch_attention(q, k, v, doc_ids, image_ids, causal, scale)
-    meta = _metadata(doc_ids, image_ids, causal, q.shape[2])
-    return _TritonAttention.apply(q, k, v, meta, _Options(scale, blocks))
+    from lcl_fast.ops.library import attention_triton_op
+
+    if compiling:  # traced once per graph: no cache (it keys on tensor identity)
+        from lcl_fast.kernels.attention_launch import prepare_metadata
+
+        meta = prepare_metadata(doc_ids, image_ids, causal, q.shape[2])
+    else:
+        meta = _metadata(doc_ids, image_ids, causal, q.shape[2])
+    return attention_triton_op(q, k, v, meta, scale, blocks)

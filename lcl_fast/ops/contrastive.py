@@ -335,74 +335,23 @@ class _Options:
     chunk_size: int | None
 
 
-class _ContrastiveLoss(torch.autograd.Function):
+class _ContrastiveLoss:
     """Loss of rows ``(image, text)`` against columns ``(image_cols, text_cols)``.
 
     Symmetric (``image_cols``/``text_cols`` None): the columns are ``image``/``text`` themselves
-    and the gradients of both roles go to them.
+    and the gradients of both roles go to them. Runs the custom op ``lcl_fast::contrastive_fwd``
+    (:mod:`lcl_fast.ops.library`), so ``torch.compile`` keeps it in the graph.
     """
 
     @staticmethod
-    def forward(ctx, image: Tensor, text: Tensor, image_cols: Tensor | None, text_cols: Tensor | None,
-                scale: Tensor, opts: _Options) -> Tensor:
-        tiles = _TILES[opts.impl]
-        ctx.opts = opts
-        n = image.shape[0]
-        acc = tiles.acc_dtype(image.dtype)
-        ctx.save_for_backward(image, text, image_cols, text_cols, scale)
-        if n == 0:
-            ctx.stats = ()
-            return torch.zeros((), device=image.device, dtype=acc)
-        with torch.autocast(image.device.type, enabled=False):
-            s = scale.detach().to(device=image.device, dtype=acc)
-            rows_i, rows_t = tiles.operand(image), tiles.operand(text)
-            offset, chunk = opts.label_offset, opts.chunk_size
-            if opts.symmetric:
-                stats = (tiles.lse(rows_i, rows_t, s, True, offset, chunk),)
-            else:
-                stats = (tiles.lse(rows_i, tiles.operand(text_cols), s, False, offset, chunk),
-                         tiles.lse(rows_t, tiles.operand(image_cols), s, False, offset, chunk))
-            # Σ (lse − label logit) over every row of both directions (the columns when symmetric)
-            total = sum(st.label_excess() for st in stats)
-            loss = total * (tiles.log_unit / (2 * n))
-        # saved as an attribute: outputs of no autograd graph, so no version checks needed
-        ctx.stats = stats
-        return loss
+    def apply(image: Tensor, text: Tensor, image_cols: Tensor | None, text_cols: Tensor | None,
+              scale: Tensor, opts: _Options) -> Tensor:
+        from lcl_fast.ops.library import contrastive_op
 
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        image, text, image_cols, text_cols, scale = ctx.saved_tensors
-        opts, tiles = ctx.opts, _TILES[ctx.opts.impl]
-        need = ctx.needs_input_grad
-        n = image.shape[0]
-        if n == 0:
-            # still hand zeros to the gathered columns: their backward is a collective
-            zeros = [torch.zeros_like(t) if t is not None and need[i] else None
-                     for i, t in enumerate((image, text, image_cols, text_cols, scale))]
-            return (*zeros, None)
-        acc = tiles.acc_dtype(image.dtype)
-        with torch.autocast(image.device.type, enabled=False):
-            s = scale.detach().to(device=image.device, dtype=acc)
-            coef = grad_loss.to(acc) * s / (2 * n)
-            rows_i, rows_t = tiles.operand(image), tiles.operand(text)
-            if opts.symmetric:
-                grad_i, grad_t, ds = _grad_problem(
-                    tiles, rows_i, rows_t, ctx.stats[0], s, 0, coef, need[0], need[1], need[4],
-                    opts.chunk_size, image.dtype)
-                grad_icols = grad_tcols = None
-            else:
-                grad_i, grad_tcols, ds_i2t = _grad_problem(
-                    tiles, rows_i, tiles.operand(text_cols), ctx.stats[0], s, opts.label_offset, coef,
-                    need[0], need[3], need[4], opts.chunk_size, image.dtype)
-                grad_t, grad_icols, ds_t2i = _grad_problem(
-                    tiles, rows_t, tiles.operand(image_cols), ctx.stats[1], s, opts.label_offset, coef,
-                    need[1], need[2], need[4], opts.chunk_size, image.dtype)
-                ds = ds_i2t + ds_t2i
-            grad_scale = None
-            if need[4]:
-                grad_scale = grad_loss.to(acc) * ds / (2 * n)
-                grad_scale = grad_scale.to(scale.device, scale.dtype).reshape(scale.shape)
-        return grad_i, grad_t, grad_icols, grad_tcols, grad_scale, None
+        if not opts.symmetric and image_cols is None:
+            raise ValueError("non-symmetric contrastive loss needs the gathered columns")
+        return contrastive_op(image, text, image_cols, text_cols, scale, opts.impl, opts.label_offset,
+                              opts.chunk_size)
 
 
 # --------------------------------------------------------------------------------------------

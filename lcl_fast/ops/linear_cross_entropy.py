@@ -26,8 +26,6 @@ with zero gradients (``nn.CrossEntropyLoss``, as the reference calls it, returns
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -37,13 +35,6 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TILE_BYTES = 64 * 2**20  # the torch path's logits buffer (bigger tiles: fewer, larger matmuls)
 _VOCAB_CHUNK = 4096  # vocabulary columns per tile in the torch path's recompute strategy
-
-
-@dataclass(frozen=True)
-class _Options:
-    ignore_index: int
-    reduction: str
-    impl: str  # "torch" | "triton"
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -201,77 +192,6 @@ def _token_scale(
     return scale
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """``cross_entropy(hidden @ weight.T, labels)`` for the "torch" and "triton" impls."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: _Options):
-        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are settled by the entry
-            return LinearCrossEntropyFunction._forward(ctx, hidden, weight, labels, opts)
-
-    @staticmethod
-    def _forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, opts: _Options):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        valid = labels != opts.ignore_index
-        n_valid = valid.sum()
-        acc = _acc_dtype(hidden.dtype)
-        ctx.opts = opts
-        ctx.fused = opts.impl == "torch" and opts.reduction != "none" and (need_dh or need_dw)
-        if ctx.fused:
-            scale = _token_scale(valid, n_valid, opts.reduction, None, acc)
-            losses, dh, dw = _torch_fused(hidden, weight, labels, valid, scale, need_dh, need_dw)
-            # plain attributes, not save_for_backward: backward hands these very buffers on
-            # (scaled in place) instead of allocating copies of dW's size
-            ctx.grads = (dh, dw)
-            ctx.dtypes = (hidden.dtype, weight.dtype)
-        else:
-            if opts.impl == "triton":
-                from lcl_fast.kernels.linear_cross_entropy import lse_forward
-
-                lse, label_logit = lse_forward(hidden, weight, labels, opts.ignore_index)
-            else:
-                lse, label_logit = _torch_lse(hidden, weight, labels)
-            losses = torch.where(valid, lse - label_logit, 0.0)
-            ctx.save_for_backward(hidden, weight, labels, lse, valid, n_valid)
-        return _reduce(losses, n_valid, opts.reduction)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        with torch.autocast(grad.device.type, enabled=False):
-            return LinearCrossEntropyFunction._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad: torch.Tensor):
-        opts: _Options = ctx.opts
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.fused:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "linear_cross_entropy(impl='torch') hands its precomputed gradients to the first "
-                    "backward; a second backward through the same graph (retain_graph=True) is not supported"
-                )
-            (dh, dw), ctx.grads = ctx.grads, None
-            h_dtype, w_dtype = ctx.dtypes
-            dh = dh.mul_(grad.to(dh.dtype)).to(h_dtype) if need_dh else None
-            dw = dw.mul_(grad.to(dw.dtype)).to(w_dtype) if need_dw else None
-            return dh, dw, None, None
-        hidden, weight, labels, lse, valid, n_valid = ctx.saved_tensors
-        scale = _token_scale(valid, n_valid, opts.reduction, grad, lse.dtype)
-        if opts.impl == "triton":
-            from lcl_fast.kernels.linear_cross_entropy import grad_backward
-
-            dh, dw = grad_backward(hidden, weight, labels, lse, scale, need_dh, need_dw)
-        else:
-            dh, dw = _torch_grads(hidden, weight, labels, lse, scale, need_dh, need_dw)
-        return (
-            dh.to(hidden.dtype) if need_dh else None,
-            dw.to(weight.dtype) if need_dw else None,
-            None,
-            None,
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # entry points
 
@@ -313,8 +233,9 @@ def _validate(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
 
 
 def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Reject labels outside ``[0, V)`` that are not ignored (CPU only: on CUDA it would sync)."""
-    if labels.is_cuda or labels.numel() == 0:
+    """Reject labels outside ``[0, V)`` that are not ignored (eager CPU only: on CUDA it would sync,
+    compiled it would break the graph; the model's own labels are its in-range token ids)."""
+    if labels.is_cuda or labels.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
@@ -375,5 +296,6 @@ def linear_cross_entropy(
         return reference_linear_cross_entropy(hidden, weight, labels.long(), ignore_index, reduction)
     if impl == "triton" and hidden.dtype == torch.float64:
         raise ValueError("impl='triton' takes float16/bfloat16/float32 inputs, got float64; use impl='torch'")
-    opts = _Options(ignore_index=int(ignore_index), reduction=reduction, impl=impl)
-    return LinearCrossEntropyFunction.apply(hidden, weight, labels.long(), opts)
+    from lcl_fast.ops.library import linear_cross_entropy_op  # the custom op (compile keeps it whole)
+
+    return linear_cross_entropy_op(hidden, weight, labels.long(), int(ignore_index), reduction, impl)

@@ -53,7 +53,10 @@ class TrainConfig:
     grad_checkpointing: bool = _field(
         False, "recompute block activations in the backward pass (saves memory)"
     )
-    torchcompile: bool = _field(False, "torch.compile the model")
+    torchcompile: bool = _field(
+        False, "torch.compile model + loss as one graph (value checks stay eager; warm-up reported apart)"
+    )
+    compile_optimizer: bool = _field(False, "with --torchcompile, also compile the optimizer step")
     # --- data
     train_data: Optional[str] = _field(
         None,
@@ -267,6 +270,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"give --epochs ({cfg.epochs}) or --steps ({cfg.steps}), not both")
     if cfg.lcl_generation_loss_weight < 0 or cfg.lcl_contrastive_loss_weight < 0:
         raise ConfigError("--lcl-generation-loss-weight and --lcl-contrastive-loss-weight must be >= 0")
+    if cfg.compile_optimizer and not cfg.torchcompile:
+        raise ConfigError("--compile-optimizer needs --torchcompile")
     if cfg.report_to not in ("", "none", "tensorboard"):
         raise ConfigError(f"--report-to {cfg.report_to!r}: only 'tensorboard' (or '' / 'none') is supported")
     _check_model(cfg)

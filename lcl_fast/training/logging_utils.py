@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from .distributed import DistEnv
 
 LOGGER_NAME = "lcl_fast.train"
@@ -216,8 +218,30 @@ def plot_curves(run_dir: Path, chance: Optional[float] = None) -> Optional[Path]
     return path
 
 
+def batch_counts(batch: dict, pad_id: int = 0) -> tuple[int, int]:
+    """(samples, tokens) of one loader batch, as users count them.
+
+    Samples are image–text pairs (paired data: one per row) or documents (interleaved data; a
+    packed row holds several, numbered ``0, 1, ...`` in ``doc_ids``), never rows. Tokens are the
+    non-padding ``text_ids`` slots that reach the model: packed, those with ``doc_ids >= 0``;
+    unpacked, each row up to its last non-``pad_id`` token (the collate pads at the end only).
+    Read once per step on the host (a few integers; the loop reads its loss there anyway).
+    """
+    text, doc_ids = batch["text_ids"], batch.get("doc_ids")
+    if doc_ids is not None:
+        counts = torch.stack([(doc_ids.amax(dim=1) + 1).clamp_min(0).sum(), (doc_ids >= 0).sum()])
+    else:
+        nonpad = text != pad_id
+        # length of each row = position after its last non-pad token (0 for an all-pad row)
+        last = text.shape[1] - torch.argmax(nonpad.flip(1).int(), dim=1)
+        lengths = torch.where(nonpad.any(dim=1), last, torch.zeros_like(last))
+        counts = torch.stack([torch.tensor(text.shape[0], device=text.device), lengths.sum()])
+    samples, tokens = counts.tolist()
+    return int(samples), int(tokens)
+
+
 class Throughput:
-    """Samples per second over the steps since the last reading."""
+    """Samples and tokens per second over the steps since the last reading."""
 
     def __init__(self) -> None:
         self.reset()
@@ -225,15 +249,18 @@ class Throughput:
     def reset(self) -> None:
         self._t0 = time.perf_counter()
         self._samples = 0
+        self._tokens = 0
 
-    def add(self, samples: int) -> None:
+    def add(self, samples: int, tokens: int = 0) -> None:
         self._samples += samples
+        self._tokens += tokens
 
-    def read(self) -> float:
+    def read(self) -> tuple[float, float]:
+        """(samples/s, tokens/s) since the last reading; starts a new window."""
         elapsed = time.perf_counter() - self._t0
-        rate = self._samples / elapsed if elapsed > 0 else 0.0
+        rates = (self._samples / elapsed, self._tokens / elapsed) if elapsed > 0 else (0.0, 0.0)
         self.reset()
-        return rate
+        return rates
 
 
 def default_run_name(model: str) -> str:

@@ -40,8 +40,9 @@ from .distributed import (
     scalar_params,
     unwrap,
 )
-from .logging_utils import RunRecorder, Throughput, log
+from .logging_utils import RunRecorder, Throughput, batch_counts, log
 from .optim import clamp_logit_scale
+from .step import StepFunction, compilations
 
 WINDOW = 10  # steps averaged for the summary's first/last losses
 
@@ -55,8 +56,13 @@ class TrainState:
     """Counters that travel in the checkpoint."""
 
     step: int = 0
-    samples: int = 0
+    samples: int = 0  # pairs (paired data) or documents (interleaved), all ranks; never packed rows
+    tokens: int = 0  # non-padding text tokens that reached the model, all ranks
     train_seconds: float = 0.0
+    warmup_seconds: float = 0.0  # steps during which torch.compile compiled (part of train_seconds)
+    warmup_samples: int = 0
+    warmup_tokens: int = 0
+    compilations: int = 0
     skipped_nonfinite: int = 0
     nonfinite_in_row: int = 0
     first_losses: list = field(default_factory=list)  # [loss, contrastive, caption] of the first steps
@@ -137,6 +143,11 @@ class Trainer:
         # FSDP2 leaves the scalar parameters replicated: their gradients are averaged here.
         self._replicated = scalar_params(unwrap(model)) if cfg.fsdp else []
         self.last_checkpoint: Optional[Path] = None
+        # model + loss, compiled as one graph with --torchcompile (value checks stay eager, per batch)
+        self.step_fn = StepFunction(model, loss_fn, compile=cfg.torchcompile)
+        self._optimizer_step = optimizer.step
+        if cfg.torchcompile and cfg.compile_optimizer:
+            self._optimizer_step = torch.compile(optimizer.step, fullgraph=False)
 
     # ------------------------------------------------------------------ data
     def _next_batch(self) -> dict:
@@ -153,14 +164,7 @@ class Trainer:
     def _forward_backward(self, batch: dict, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
         with no_sync(self.model, last):
             with self.autocast():
-                out = self.model(
-                    batch["images"],
-                    batch["text_ids"],
-                    doc_ids=batch.get("doc_ids"),
-                    position_ids=batch.get("position_ids"),
-                )
-                losses = self.loss_fn(**out, output_dict=True)
-            contrastive, caption = losses["contrastive_loss"], losses["caption_loss"]
+                contrastive, caption = self.step_fn(batch)
             total = (contrastive.to(caption.device) + caption) / self.cfg.accum_freq
             (self.scaler.scale(total) if self.scaler is not None else total).backward()
         return contrastive.detach().float().to(caption.device), caption.detach().float()
@@ -190,7 +194,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         if not bad:
             clamp_logit_scale(unwrap(self.model))
@@ -252,7 +256,18 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ------------------------------------------------------------------ the loop
-    def _record(self, result: StepResult, throughput: float) -> None:
+    def _count(self, micro_batches: list[dict]) -> tuple[int, int]:
+        """(samples, tokens) this step trained on, summed over micro-batches and ranks."""
+        pad_id = getattr(unwrap(self.model), "pad_id", 0)
+        counts = [batch_counts(b, pad_id) for b in micro_batches]
+        samples, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        if self.env.distributed:  # ranks pack different numbers of documents
+            t = torch.tensor([samples, tokens], dtype=torch.int64, device=self.env.device)
+            torch.distributed.all_reduce(t)
+            samples, tokens = (int(v) for v in t.tolist())
+        return samples, tokens
+
+    def _record(self, result: StepResult, rates: tuple[float, float]) -> None:
         s = self.state
         record = {
             "step": s.step,
@@ -263,7 +278,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": result.grad_norm,
             "logit_scale": float(unwrap(self.model).logit_scale.detach().float().exp().mean()),
-            "samples_per_s": throughput,
+            "samples_per_s": rates[0],
+            "tokens_per_s": rates[1],
             "skipped_nonfinite": s.skipped_nonfinite,
             "data_skipped": sum(self.loader.skip_counts.values()),
             "padding_fraction": self.loader.padding_fraction,
@@ -311,25 +327,39 @@ class Trainer:
         cfg, s = self.cfg, self.state
         self.recorder.open_bar(self.total_steps, s.step)
         window = Throughput()
-        rate = 0.0
-        samples_per_step = cfg.batch_size * cfg.accum_freq * self.env.world_size
+        rates = (0.0, 0.0)
         try:
             while s.step < self.total_steps:
                 t0 = time.perf_counter()
-                result = self.train_step([self._next_batch() for _ in range(cfg.accum_freq)])
+                compiled_before = compilations()
+                micro_batches = [self._next_batch() for _ in range(cfg.accum_freq)]
+                result = self.train_step(micro_batches)
+                samples, tokens = self._count(micro_batches)
+                seconds = time.perf_counter() - t0
                 s.step += 1
-                s.samples += samples_per_step
-                s.train_seconds += time.perf_counter() - t0
-                window.add(samples_per_step)
+                s.samples += samples
+                s.tokens += tokens
+                s.train_seconds += seconds
+                if compilations() > compiled_before:  # warm-up, reported apart from the steady state
+                    s.compilations += compilations() - compiled_before
+                    s.warmup_seconds += seconds
+                    s.warmup_samples += samples
+                    s.warmup_tokens += tokens
+                    window.reset()
+                    log.info("step %d compiled %d graph(s) in %.1f s", s.step, compilations() - compiled_before,
+                             seconds)
+                window.add(samples, tokens)
                 self._track(result)
                 if s.step % cfg.log_every_n_steps == 0 or result.skipped or s.step == self.total_steps:
-                    rate = window.read()
-                    self._record(result, rate)
+                    rates = window.read()
+                    self._record(result, rates)
                 self.recorder.advance(
                     {
                         "loss": f"{result.loss:.3f}",
                         "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                        "samples/s": f"{rate:.0f}",
+                        "samples/s": f"{rates[0]:.0f}",
+                        "tok/s": f"{rates[1]:.0f}",
+                        "pad": f"{100 * self.loader.padding_fraction:.0f}%",
                     }
                 )
                 if s.nonfinite_in_row >= cfg.max_nonfinite_steps:

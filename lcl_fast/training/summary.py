@@ -16,6 +16,17 @@ def _mean(rows: list, col: int) -> float:
     return float(np.mean([r[col] for r in rows])) if rows else math.nan
 
 
+def _steady(s) -> dict:
+    """Throughput without the steps that compiled (``--torchcompile``), and the warm-up they took."""
+    seconds = s.train_seconds - s.warmup_seconds
+    return {
+        "steady_samples_per_s": (s.samples - s.warmup_samples) / seconds if seconds > 0 else 0.0,
+        "steady_tokens_per_s": (s.tokens - s.warmup_tokens) / seconds if seconds > 0 else 0.0,
+        "warmup_seconds": s.warmup_seconds,
+        "compilations": s.compilations,
+    }
+
+
 def summarize(
     trainer: Trainer, before: dict, after: dict, env: D.DistEnv, wall: float, stopped: Optional[str]
 ) -> dict:
@@ -39,6 +50,10 @@ def summarize(
         "retrieval_before": before,
         "retrieval_after": after,
         "samples_per_s": s.samples / s.train_seconds if s.train_seconds else 0.0,
+        "tokens_per_s": s.tokens / s.train_seconds if s.train_seconds else 0.0,
+        "samples": s.samples,
+        **_steady(s),
+        "tokens": s.tokens,
         "train_seconds": s.train_seconds,
         "wall_seconds": wall,
         "skipped": {"nonfinite_steps": s.skipped_nonfinite, "data": trainer.data_skips()},
@@ -85,6 +100,14 @@ def print_summary(summary: dict, run_dir: Path) -> None:
         lines.append(f"    caption: {generated!r}  (reference: {reference!r})")
     if "zeroshot_top1_after" in summary:
         lines.append(f"  zero-shot top-1: {pct(summary['zeroshot_top1_after'])}")
-    lines.append(f"  throughput: {summary['samples_per_s']:.0f} samples/s; skipped: {summary['skipped']}")
+    lines.append(
+        f"  throughput: {summary['samples_per_s']:.1f} samples/s, {summary['tokens_per_s']:.0f} tokens/s "
+        f"(padding {100 * summary['padding_fraction']:.0f}%); skipped: {summary['skipped']}"
+    )
+    if summary["compilations"]:
+        lines.append(
+            f"  torch.compile: {summary['compilations']} graph(s) in {summary['warmup_seconds']:.1f} s of warm-up; "
+            f"steady state {summary['steady_samples_per_s']:.1f} samples/s"
+        )
     lines.append(f"  run folder: {run_dir}  (out.log, metrics.jsonl, summary.json, curves.png, checkpoints/)")
     print("\n".join(lines), flush=True)

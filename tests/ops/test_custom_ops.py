@@ -1,0 +1,86 @@
+"""``torch.library.opcheck`` on every ``lcl_fast::`` custom op: schema, fake tensors, autograd, AOT dispatch.
+
+Torch path on the CPU; Triton path in the interpreter (tests/conftest.py), small shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcl_fast.ops import library as L  # noqa: F401 (registers the ops)
+
+ops = torch.ops.lcl_fast
+triton = pytest.importorskip("triton", reason="the triton ops need the triton package (pip install triton)")
+
+
+def _rand(*shape, dtype=torch.float32, grad=True, seed=0):
+    gen = torch.Generator().manual_seed(seed + sum(shape))
+    return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
+
+
+def _scale(grad=True):
+    return torch.tensor(3.5).requires_grad_(grad)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_contrastive_ops(impl, symmetric):
+    n, m, d = 5, 9, 16
+    image, text = _rand(n, d), _rand(n, d, seed=1)
+    cols = (None, None) if symmetric else (_rand(m, d, seed=2), _rand(m, d, seed=3))
+    offset = 0 if symmetric else 3
+    torch.library.opcheck(ops.contrastive_fwd, (image, text, *cols, _scale(), impl, offset, None))
+    loss, stats = ops.contrastive_fwd(image, text, *cols, _scale(), impl, offset, 4)
+    grad = torch.tensor(1.0)
+    args = (grad, image.detach(), text.detach(), *(c if c is None else c.detach() for c in cols),
+            _scale(False), stats.detach(), impl, offset, 4, True, True, True, True, True)
+    torch.library.opcheck(ops.contrastive_bwd, args)
+
+
+@pytest.mark.parametrize("impl,reduction", [("torch", "mean"), ("torch", "none"), ("torch", "sum"),
+                                            ("triton", "mean")])
+def test_linear_cross_entropy_ops(impl, reduction):
+    T, D, V = 7, 16, 37
+    hidden, weight = _rand(T, D), _rand(V, D, seed=1)
+    labels = torch.tensor([3, 0, 36, 5, 0, 1, 9])  # 0 is ignored
+    torch.library.opcheck(ops.linear_cross_entropy_fwd, (hidden, weight, labels, 0, reduction, impl, True, True))
+    if reduction == "mean":  # only dh asked for
+        torch.library.opcheck(ops.linear_cross_entropy_fwd, (hidden, weight.detach(), labels, 0, reduction, impl,
+                                                             True, False))
+    _, lse, _, _ = ops.linear_cross_entropy_fwd(hidden, weight, labels, 0, reduction, impl, False, False)
+    grad = torch.ones(()) if reduction != "none" else torch.ones(T)
+    args = (grad, hidden.detach(), weight.detach(), labels, lse.detach(), 0, reduction, impl, True, True)
+    torch.library.opcheck(ops.linear_cross_entropy_bwd, args)
+
+
+def _ids(length: int):
+    doc = torch.tensor([[0] * 9 + [1] * 7 + [-1] * (length - 16)])
+    img = torch.full((1, length), -1)
+    img[0, 2:5] = 0
+    img[0, 10:13] = 1
+    return doc, img
+
+
+def test_attention_triton_ops():
+    from lcl_fast.kernels.attention_launch import prepare_metadata
+
+    B, H, L_, D = 1, 2, 40, 16
+    q, k, v = (_rand(B, H, L_, D, seed=s) for s in range(3))
+    doc, img = _ids(L_)
+    for meta in (prepare_metadata(doc, img, True, L_), prepare_metadata(None, None, False, L_)):
+        args = (q, k, v, meta.table, meta.causal, meta.has_doc, meta.has_img, D**-0.5, [32, 32])
+        torch.library.opcheck(ops.attention_triton_fwd, args)
+    out, lse = ops.attention_triton_fwd(*args)
+    torch.library.opcheck(ops.attention_triton_bwd, (torch.ones_like(out), q.detach(), k.detach(), v.detach(),
+                                                     out.detach(), lse.detach(), *args[3:]))
+
+
+def test_attention_torch_ops():
+    B, H, L_, D = 1, 2, 20, 8
+    q, k, v = (_rand(B, H, L_, D, dtype=torch.float64, seed=s) for s in range(3))
+    doc, img = _ids(L_)
+    for ids in ((doc, img), (doc, None), (None, img)):
+        torch.library.opcheck(ops.attention_torch_fwd, (q, k, v, *ids, True, 0.3))
+    grad = torch.ones(B, H, L_, D, dtype=torch.float64)
+    torch.library.opcheck(ops.attention_torch_bwd, (grad, q.detach(), k.detach(), v.detach(), doc, img, True, 0.3))
