@@ -65,12 +65,12 @@ def _ids(length: int):
 def test_attention_triton_ops():
     from lcl_fast.kernels.attention_launch import prepare_metadata
 
-    B, H, L_, D = 1, 2, 40, 16
+    B, H, L_, D = 1, 1, 24, 16  # one 32-wide tile: the interpreter is slow
     q, k, v = (_rand(B, H, L_, D, seed=s) for s in range(3))
     doc, img = _ids(L_)
-    for meta in (prepare_metadata(doc, img, True, L_), prepare_metadata(None, None, False, L_)):
-        args = (q, k, v, meta.table, meta.causal, meta.has_doc, meta.has_img, D**-0.5, [32, 32])
-        torch.library.opcheck(ops.attention_triton_fwd, args)
+    meta = prepare_metadata(doc, img, True, L_)
+    args = (q, k, v, meta.table, meta.causal, meta.has_doc, meta.has_img, D**-0.5, [32, 32])
+    torch.library.opcheck(ops.attention_triton_fwd, args)
     out, lse = ops.attention_triton_fwd(*args)
     torch.library.opcheck(ops.attention_triton_bwd, (torch.ones_like(out), q.detach(), k.detach(), v.detach(),
                                                      out.detach(), lse.detach(), *args[3:]))
