@@ -129,14 +129,8 @@ class TarStream(SampleStream):
         while True:
             plan = self.plan(self.data_epoch)
             if self.shard_pos >= len(plan):
-                self._close()
-                if self._whole_epoch and self._returned == 0:
-                    raise RuntimeError(
-                        f"stream {self.sid}: a whole pass over its {len(plan)} shards gave no readable "
-                        f"sample; skipped: {self.skips.snapshot()}"
-                    )
-                self.data_epoch, self.shard_pos, self.offset, self.byte = self.data_epoch + 1, 0, 0, 0
-                self._whole_epoch, self._returned = True, 0
+                self._next_data_epoch(len(plan))
+                self.byte = 0
                 continue
             shard_id = plan[self.shard_pos]
             url = cfg.shards[shard_id]

@@ -182,21 +182,25 @@ class SampleStream:
                     self._fetching.pop(stale).cancel()
                 self._fetching[url] = remote.pool("shards", 2).submit(remote.prefetch_whole, url, cfg.cache_dir)
 
+    def _next_data_epoch(self, shards: int) -> None:
+        """Past the plan's last shard: start the next data epoch (a whole pass without one readable
+        sample is an error, not an endless loop)."""
+        self._close()
+        if self._whole_epoch and self._returned == 0:
+            raise RuntimeError(
+                f"stream {self.sid}: a whole pass over its {shards} shards gave no readable sample; "
+                f"skipped: {self.skips.snapshot()}"
+            )
+        self.data_epoch, self.shard_pos, self.offset = self.data_epoch + 1, 0, 0
+        self._whole_epoch, self._returned = True, 0
+
     def next(self) -> tuple[dict[str, Any], Any, int]:
         """``(raw sample, its shard reader, its seed)``; bad samples are counted and passed over."""
         cfg = self.cfg
         while True:
             plan = self.plan(self.data_epoch)
             if self.shard_pos >= len(plan):
-                self._close()
-                if self._whole_epoch and self._returned == 0:
-                    raise RuntimeError(
-                        f"stream {self.sid}: a whole pass over its {len(plan)} shards "
-                        "gave no readable sample; "
-                        f"skipped: {self.skips.snapshot()}"
-                    )
-                self.data_epoch, self.shard_pos, self.offset = self.data_epoch + 1, 0, 0
-                self._whole_epoch, self._returned = True, 0
+                self._next_data_epoch(len(plan))
                 continue
             if not self._open or self._open[:2] != (self.data_epoch, self.shard_pos):
                 self._close()
