@@ -158,7 +158,8 @@ def schedule_length(cfg: TrainConfig, loader) -> tuple[int, int]:
 
 def build_optimization(cfg: TrainConfig, model, total_steps: int, precision: str, env: D.DistEnv):
     optimizer = build_optimizer(
-        param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, kind=cfg.optimizer
+        param_groups(model, cfg.wd), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, kind=cfg.optimizer,
+        for_compile=cfg.torchcompile and cfg.compile_optimizer,
     )
     warmup = default_warmup(total_steps, cfg.warmup)
     scheduler = cosine_with_warmup(optimizer, warmup, total_steps)

@@ -275,7 +275,7 @@ class Trainer:
             "loss": result.loss,
             "contrastive_loss": result.contrastive_loss,
             "caption_loss": result.caption_loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
             "grad_norm": result.grad_norm,
             "logit_scale": float(unwrap(self.model).logit_scale.detach().float().exp().mean()),
             "samples_per_s": rates[0],
@@ -356,7 +356,7 @@ class Trainer:
                 self.recorder.advance(
                     {
                         "loss": f"{result.loss:.3f}",
-                        "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                        "lr": f"{float(self.optimizer.param_groups[0]['lr']):.2e}",
                         "samples/s": f"{rates[0]:.0f}",
                         "tok/s": f"{rates[1]:.0f}",
                         "pad": f"{100 * self.loader.padding_fraction:.0f}%",

@@ -14,7 +14,13 @@ from PIL import Image
 import lcl_fast
 from lcl_fast import eval as E
 from lcl_fast.data import decode_batch, get_tokenizer
-from lcl_fast.training.optim import LOGIT_SCALE_MAX, clamp_logit_scale, cosine_with_warmup, param_groups
+from lcl_fast.training.optim import (
+    LOGIT_SCALE_MAX,
+    build_optimizer,
+    clamp_logit_scale,
+    cosine_with_warmup,
+    param_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,42 @@ def test_decay_on_matrices_only(tiny_model):
     } <= keep
     assert all(p.ndim >= 2 for p in decay["params"]) and not skip & keep
     assert len(skip) + len(keep) == len(list(tiny_model.parameters()))
+
+
+def test_adamw_variants_take_the_same_step(tiny_model):
+    """Fused AdamW (the default on plain CPU/CUDA tensors) and the ``--compile-optimizer`` variant
+    (foreach, capturable, tensor lr) update the parameters as torch's reference AdamW does."""
+    torch.manual_seed(1)
+    grads = [torch.randn_like(p) for p in tiny_model.parameters()]
+    updated = {}
+    for name, kw in {"for_loop": None, "fused": {}, "for_compile": {"for_compile": True}}.items():
+        model = lcl_fast.create_model("LCL_tiny")
+        model.load_state_dict(tiny_model.state_dict())
+        groups = param_groups(model, 0.2)
+        if kw is None:
+            opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, foreach=False)
+        else:
+            opt = build_optimizer(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-6, **kw)
+        if name == "fused":
+            assert opt.defaults["fused"] is True
+        else:
+            assert not opt.defaults.get("fused")
+        if name == "for_compile":
+            assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and opt.defaults["capturable"]
+        sched = cosine_with_warmup(opt, warmup=2, total_steps=5)
+        # capturable state steps only inside torch.compile on the CPU, as the training loop runs it
+        step = torch.compile(opt.step, backend="eager") if name == "for_compile" else opt.step
+        for _ in range(3):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            step()
+            sched.step()
+        updated[name] = [p.detach().clone() for p in model.parameters()]
+    for name in ("fused", "for_compile"):
+        for a, b in zip(updated[name], updated["for_loop"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = max((a - b).abs().max().item() for a, b in zip(updated["fused"], tiny_model.parameters()))
+    assert moved > 1e-3  # the steps did move the weights
 
 
 def test_cosine_schedule_with_warmup():
