@@ -35,6 +35,9 @@ def test_functional_tower_matches_the_training_forward(model64, images):
     hidden = _run_blocks(model64, state.prefix_embs, state.positions, _full_mask(state.valid, None), None, 0)
     got = model64.lm_head(hidden)[:, 17:-1].reshape(-1, expected.shape[-1])
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # decoding's LM head (a pre-transposed weight) is the module's
+    assert state._head_t is not None
+    torch.testing.assert_close(state._logits(hidden[:, -2]), expected.view(3, -1, expected.shape[-1])[:, -1])
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
