@@ -8,7 +8,8 @@
   tower re-run over the whole prefix at every step, image latents computed once, LM head at the
   last position only. ``torch``: the KV cache, one token per step. Throughput: new tokens/s.
 - **probe features**: frozen features (patch tokens and pooled) of JPEG files, as the ``probe``
-  subcommand extracts them: ``pipeline`` = files decoded by 2 loader workers while the model runs;
+  subcommand extracts them: ``pipeline`` = ``extract_features(workers=2)``: files decoded by 2 loader
+  workers while the model runs (with a CPU model, only as many workers as cores its threads leave free);
   ``model_only`` = the model on images already decoded (the ceiling); ``loader_only`` = the
   decoding alone. The pipeline is model-bound when its time is close to ``model_only``'s
   (recorded as ``pipeline_over_model``). Throughput: images per second. CPU sizes: the B/32 LAION

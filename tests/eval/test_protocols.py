@@ -210,3 +210,20 @@ def test_undecodable_images_are_skipped_and_counted(probe_folders, coco_captions
     cap = main(["caption", "--coco-annotations", str(path), "--images", str(images), "--max-new-tokens", "3",
                 "--results-file", str(tmp_path / "r.json"), *FAST])  # fmt: skip
     assert cap["skipped"] == 1 and cap["num_images"] == 2
+
+
+def test_decode_workers_leave_the_cpu_model_its_cores(monkeypatch):
+    from lcl_fast.eval.common import decode_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(6)
+        assert decode_workers(4, "cpu") == 2  # 8 cores, 6 for the model's threads
+        assert decode_workers(1, "cpu") == 1
+        assert decode_workers(4, "cuda") == 4  # a GPU model leaves the cores to the decoders
+        assert decode_workers(0, "cuda") == 0
+        torch.set_num_threads(8)
+        assert decode_workers(2, torch.device("cpu")) == 0
+    finally:
+        torch.set_num_threads(threads)
