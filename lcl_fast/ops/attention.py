@@ -198,6 +198,96 @@ def _torch_attention(q, k, v, doc_ids, image_ids, causal, scale):
     return torch.stack(rows)
 
 
+# ------------------------------------------------------- torch path with saved statistics (compile)
+#
+# Under torch.compile the per-document loop is one opaque custom op, so autograd cannot see the
+# SDPA calls inside it. Rather than recompute the forward in the backward, the op keeps what
+# SDPA's own backward keeps, the output and each row's log-sum-exp, and calls the CPU flash
+# kernels' backward per document. A text row's output comes from the document's causal call; an
+# image row's from its own call over the prefix. The causal call's backward gets the image rows'
+# output gradient zeroed, which makes their softmax statistics irrelevant (dP = dO Vᵀ = 0 and
+# D = rowsum(dO ∘ O) = 0 there), so the final output serves as that call's output.
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _flash_plans(q, doc_ids, image_ids, causal) -> Optional[list[list[tuple[int, int, list[tuple[int, int]]]]]]:
+    """Per row, ``(start, end, [(image start, image end), ...])`` of each document (image spans
+    relative to the document), or None where the saved-statistics path does not apply (not on the
+    CPU, a dtype the flash kernels lack, scattered documents, an image split into several runs)."""
+    if q.device.type != "cpu" or q.dtype not in _FLASH_DTYPES:
+        return None
+    batch, _, length, _ = q.shape
+    doc_rows = doc_ids.tolist() if doc_ids is not None else [[0] * length] * batch
+    image_rows = image_ids.tolist() if (image_ids is not None and causal) else [None] * batch
+    plans = []
+    for docs, image_row in zip(doc_rows, image_rows):
+        valid = [r for r in _runs(docs) if r[0] >= 0]
+        if len({r[0] for r in valid}) != len(valid):
+            return None
+        row = []
+        for _, start, end in valid:
+            spans = [] if image_row is None else [r for r in _runs(image_row[start:end]) if r[0] >= 0]
+            if len({r[0] for r in spans}) != len(spans):
+                return None
+            row.append((start, end, [(a, b) for _, a, b in spans]))
+        plans.append(row)
+    return plans
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def torch_attention_with_stats(q, k, v, doc_ids, image_ids, causal: bool, scale: float):
+    """``(out, lse_text, lse_image)`` (``[B, H, L, D]``, ``[B, H, L]`` twice), or None (see :func:`_flash_plans`)."""
+    plans = _flash_plans(q, doc_ids, image_ids, causal)
+    if plans is None:
+        return None
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse_text = q.new_zeros(q.shape[:3], dtype=_stats_dtype(q.dtype))
+    lse_image = torch.zeros_like(lse_text)
+    for b, row in enumerate(plans):
+        for start, end, spans in row:
+            qd, kd, vd = (t[b : b + 1, :, start:end] for t in (q, k, v))
+            o, lse = flash(qd, kd, vd, 0.0, causal, scale=scale)
+            out[b : b + 1, :, start:end] = o
+            lse_text[b : b + 1, :, start:end] = lse
+            for a, e in spans:  # image rows see the document's whole prefix up to the image's end
+                o, lse = flash(qd[:, :, a:e], kd[:, :, :e], vd[:, :, :e], 0.0, False, scale=scale)
+                out[b : b + 1, :, start + a : start + e] = o
+                lse_image[b : b + 1, :, start + a : start + e] = lse
+    return out, lse_text, lse_image
+
+
+def torch_attention_backward(grad_out, q, k, v, out, lse_text, lse_image, doc_ids, image_ids, causal, scale):
+    """``(dq, dk, dv)`` of :func:`torch_attention_with_stats` from its saved output and statistics."""
+    plans = _flash_plans(q, doc_ids, image_ids, causal)
+    assert plans is not None, "the forward saved statistics for these ids"
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    for b, row in enumerate(plans):
+        for start, end, spans in row:
+            sl = (slice(b, b + 1), slice(None), slice(start, end))
+            qd, kd, vd, od = q[sl], k[sl], v[sl], out[sl]
+            go = grad_out[sl].contiguous()
+            go_text = go.clone() if spans else go
+            for a, e in spans:
+                go_text[:, :, a:e] = 0
+            gq, gk, gv = flash_bwd(go_text, qd, kd, vd, od, lse_text[sl], 0.0, causal, scale=scale)
+            dq[sl], dk[sl], dv[sl] = gq, gk, gv
+            for a, e in spans:
+                gq, gk, gv = flash_bwd(
+                    go[:, :, a:e].contiguous(), qd[:, :, a:e], kd[:, :, :e], vd[:, :, :e], od[:, :, a:e],
+                    lse_image[b : b + 1, :, start + a : start + e], 0.0, False, scale=scale,
+                )
+                dq[b : b + 1, :, start + a : start + e] += gq
+                dk[b : b + 1, :, start : start + e] += gk
+                dv[b : b + 1, :, start : start + e] += gv
+    return dq, dk, dv
+
+
 # -------------------------------------------------------------------------------- triton path
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

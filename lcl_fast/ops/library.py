@@ -20,8 +20,9 @@ Ops (``torch.ops.lcl_fast.*``); ``impl`` is ``"torch"`` or ``"triton"``:
 - ``attention_triton_fwd`` / ``attention_triton_bwd``: the Triton interleaved attention kernels
   on a precomputed metadata table (:mod:`lcl_fast.kernels.attention_launch`).
 - ``attention_torch_fwd`` / ``attention_torch_bwd``: the torch path's per-document attention
-  (host loops over document runs), used under ``torch.compile`` only; its backward recomputes
-  the forward (eager keeps plain autograd, which needs no recomputation).
+  (host loops over document runs), used under ``torch.compile`` only; it saves the output and
+  each row's log-sum-exp, and its backward calls the CPU flash kernels' backward per document
+  (elsewhere, or for scattered documents, the backward recomputes the forward).
 
 Gradients not asked for come back as empty ``[0]`` tensors (a custom op returns no None).
 """
@@ -357,14 +358,22 @@ def attention_triton_op(q: Tensor, k: Tensor, v: Tensor, meta, scale: float,
 
 @torch.library.custom_op("lcl_fast::attention_torch_fwd", mutates_args=())
 def attention_torch_fwd(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], image_ids: Optional[Tensor],
-                        causal: bool, scale: float) -> Tensor:
-    """The torch path's exact per-document attention ``[B, H, L, D]`` (contiguous)."""
-    return A._torch_attention(q, k, v, doc_ids, image_ids, causal, scale).contiguous()
+                        causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch path's exact per-document attention ``[B, H, L, D]`` (contiguous), with the
+    log-sum-exp of its text and image rows ``[B, H, L]`` (:func:`A.torch_attention_with_stats`;
+    zeros where the backward recomputes instead)."""
+    saved = A.torch_attention_with_stats(q, k, v, doc_ids, image_ids, causal, scale)
+    if saved is not None:
+        return saved
+    out = A._torch_attention(q, k, v, doc_ids, image_ids, causal, scale).contiguous()
+    lse = q.new_zeros(q.shape[:3], dtype=A._stats_dtype(q.dtype))
+    return out, lse, lse.clone()
 
 
 @attention_torch_fwd.register_fake
 def _(q, k, v, doc_ids, image_ids, causal, scale):
-    return q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=A._stats_dtype(q.dtype))
+    return q.new_empty(q.shape), lse, lse.new_empty(lse.shape)
 
 
 @contextlib.contextmanager
@@ -384,9 +393,14 @@ def _autograd_inside_op():
 
 
 @torch.library.custom_op("lcl_fast::attention_torch_bwd", mutates_args=())
-def attention_torch_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor],
-                        image_ids: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv by recomputing the forward under autograd (the op saves only its inputs)."""
+def attention_torch_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_text: Tensor,
+                        lse_image: Tensor, doc_ids: Optional[Tensor], image_ids: Optional[Tensor], causal: bool,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv: from the saved output and statistics (CPU flash kernels' backward), or, where
+    the forward saved none, by recomputing the forward under autograd."""
+    if A._flash_plans(q, doc_ids, image_ids, causal) is not None:
+        return A.torch_attention_backward(grad_out, q, k, v, out, lse_text, lse_image, doc_ids, image_ids,
+                                          causal, scale)
     with _autograd_inside_op():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = A._torch_attention(*leaves, doc_ids, image_ids, causal, scale)
@@ -395,19 +409,19 @@ def attention_torch_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, doc_i
 
 
 @attention_torch_bwd.register_fake
-def _(grad_out, q, k, v, doc_ids, image_ids, causal, scale):
+def _(grad_out, q, k, v, out, lse_text, lse_image, doc_ids, image_ids, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attn_torch_setup(ctx, inputs, output) -> None:
     q, k, v, doc_ids, image_ids, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, doc_ids, image_ids)
+    ctx.save_for_backward(q, k, v, *output, doc_ids, image_ids)
     ctx.args = (causal, scale)
 
 
-def _attn_torch_backward(ctx, grad_out):
-    q, k, v, doc_ids, image_ids = ctx.saved_tensors
-    dq, dk, dv = attention_torch_bwd(grad_out, q, k, v, doc_ids, image_ids, *ctx.args)
+def _attn_torch_backward(ctx, grad_out, _grad_lse_text, _grad_lse_image):
+    q, k, v, out, lse_text, lse_image, doc_ids, image_ids = ctx.saved_tensors
+    dq, dk, dv = attention_torch_bwd(grad_out, q, k, v, out, lse_text, lse_image, doc_ids, image_ids, *ctx.args)
     return dq, dk, dv, None, None, None, None
 
 
@@ -416,4 +430,4 @@ attention_torch_fwd.register_autograd(_attn_torch_backward, setup_context=_attn_
 
 def attention_torch_op(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], image_ids: Optional[Tensor],
                        causal: bool, scale: float) -> Tensor:
-    return attention_torch_fwd(q, k, v, doc_ids, image_ids, causal, scale)
+    return attention_torch_fwd(q, k, v, doc_ids, image_ids, causal, scale)[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcl_fast.ops import library as L  # noqa: F401 (registers the ops)
+from lcl_fast.ops import library as L  # registers the ops
 
 ops = torch.ops.lcl_fast
 triton = pytest.importorskip("triton", reason="the triton ops need the triton package (pip install triton)")
@@ -83,4 +83,34 @@ def test_attention_torch_ops():
     for ids in ((doc, img), (doc, None), (None, img)):
         torch.library.opcheck(ops.attention_torch_fwd, (q, k, v, *ids, True, 0.3))
     grad = torch.ones(B, H, L_, D, dtype=torch.float64)
-    torch.library.opcheck(ops.attention_torch_bwd, (grad, q.detach(), k.detach(), v.detach(), doc, img, True, 0.3))
+    scattered = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 2, 2, 2, 2, 2, 2, -1]])
+    for ids in ((doc, img), (scattered, None)):  # saved statistics; the recomputing fallback
+        saved = [t.detach() for t in ops.attention_torch_fwd(q, k, v, *ids, True, 0.3)]
+        args = (grad, q.detach(), k.detach(), v.detach(), *saved, *ids, True, 0.3)
+        torch.library.opcheck(ops.attention_torch_bwd, args)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_attention_torch_op_gradients_match_eager_autograd(dtype, tol):
+    """The op's backward from saved statistics (packed documents, images inside them, padding)
+    gives the gradients autograd gives through the eager per-document path."""
+    from lcl_fast.ops.attention import _flash_plans, _torch_attention
+
+    B, H, L_, D = 2, 2, 40, 8
+    doc = torch.full((B, L_), -1)
+    img = torch.full((B, L_), -1)
+    doc[0, :15], doc[0, 15:33] = 0, 1
+    img[0, 2:6], img[0, 18:22], img[0, 26:30] = 0, 1, 2
+    doc[1, :40] = 0
+    img[1, 0:4], img[1, 20:24] = 0, 1  # an image first in its document
+    q, k, v = (_rand(B, H, L_, D, dtype=dtype, seed=s).requires_grad_() for s in range(3))
+    grad = _rand(B, H, L_, D, dtype=dtype, seed=7)
+    for ids, causal in (((doc, img), True), ((doc, None), True), ((None, img), True), ((doc, None), False)):
+        assert _flash_plans(q, *ids, causal) is not None
+        expected_out = _torch_attention(q, k, v, *ids, causal, 0.3)
+        expected = torch.autograd.grad(expected_out, (q, k, v), grad)
+        out = L.attention_torch_op(q, k, v, *ids, causal, 0.3)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        torch.testing.assert_close(out, expected_out, rtol=tol, atol=tol)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=tol, atol=tol)
