@@ -22,6 +22,7 @@ from . import config as C
 from ._impl import resolve_impl
 from .nn.towers import AttentivePoolingProjection, TextTower, VisionTower
 from .nn.transformer import LayerNorm
+from .targets import loss_targets
 
 
 class LCL(nn.Module):
@@ -205,22 +206,14 @@ class LCL(nn.Module):
         selection). Their lengths vary from batch to batch; computed here, outside a compiled
         forward (the training loop calls this on each batch), they enter it as inputs of dynamic
         size instead of boolean-mask indexing inside it. ``forward`` computes them itself when not given.
+        The data loader computes the same on the host (:mod:`lcl_fast.targets`).
         """
-        positions = position_ids if position_ids is not None else torch.arange(text.shape[1], device=text.device)
-        soi = text == self.soi_id
-        has_context = (positions > 0).expand_as(text)
-        # Images are in row-major order of their <start_of_img>; those opening a document have no context.
-        pair_text = torch.nonzero((soi & has_context).flatten()).squeeze(1)
-        pair_image = torch.nonzero(has_context[soi]).squeeze(1)
-        nxt = text[:, 1:]
-        mask = (nxt != self.img_id) & (nxt != self.eoi_id) & (nxt != self.pad_id)
-        if doc_ids is not None:  # packed rows: no prediction across a document boundary
-            mask &= doc_ids[:, 1:] == doc_ids[:, :-1]
-        return {
-            "pair_text_index": pair_text,
-            "pair_image_index": pair_image,
-            "gen_index": torch.nonzero(mask.flatten()).squeeze(1),
-        }
+        return loss_targets(text, doc_ids, position_ids, self.target_token_ids)
+
+    @property
+    def target_token_ids(self) -> tuple[int, int, int, int]:
+        """``(<start_of_img>, <img_placehold>, <end_of_img>, pad)`` ids, as :func:`loss_targets` takes them."""
+        return (self.soi_id, self.img_id, self.eoi_id, self.pad_id)
 
     def contrastive_features(
         self, pooled: torch.Tensor, hidden: torch.Tensor, pair_text_index: torch.Tensor, pair_image_index: torch.Tensor

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import remote
 from .decode import BatchDecoder, normalize_uint8, resolve_backend
-from .packing import RowPacker, drop_rows, row_of_image
+from .packing import RowPacker, drop_rows, row_of_image, sample_token_counts
 from .readers import TarShard, shard_size
 from .remote import is_remote
 from .shards import expand_shards
@@ -310,13 +310,19 @@ class TrainLoader:
         self._tokens += raw["text_ids"].numel()
         dev = self.device
         move = lambda t: None if t is None else t.to(dev, non_blocking=True)  # noqa: E731
-        return {
+        batch = {
             "images": images,
             "text_ids": move(raw["text_ids"]),
             "doc_ids": move(raw["doc_ids"]),
             "position_ids": move(raw["position_ids"]),
             "num_images": move(raw["num_images"]),
         }
+        token_ids = raw.get("target_token_ids")
+        if token_ids is not None:  # counted and selected on the host: the step reads nothing back
+            batch["target_token_ids"] = token_ids
+            batch["targets"] = {k: move(v) for k, v in raw["targets"].items()}
+            batch["counts"] = sample_token_counts(raw["text_ids"], raw["doc_ids"], token_ids[3])
+        return batch
 
     def close(self) -> None:
         """Stop the streams (and worker processes); the next iteration restarts them from the

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
+
+from ..targets import loss_targets, target_token_ids
 
 
 @dataclass
@@ -102,14 +104,53 @@ def collate(bins: Sequence[Sequence[Row]], context_length: int, packed: bool) ->
     }
 
 
+def add_targets(batch: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """Add the losses' index tensors (:func:`lcl_fast.targets.loss_targets`) and the token ids they
+    were computed with (``target_token_ids``) to a collated batch, when ``tokenizer`` names LCL's
+    special tokens; the training step uses them when the model's ids agree."""
+    special = getattr(tokenizer, "special_token_ids", None)
+    try:
+        token_ids = target_token_ids(special)
+    except (KeyError, TypeError):
+        return batch
+    batch["targets"] = loss_targets(batch["text_ids"], batch.get("doc_ids"), batch.get("position_ids"), token_ids)
+    batch["target_token_ids"] = token_ids
+    return batch
+
+
+def sample_token_counts(text: torch.Tensor, doc_ids: Optional[torch.Tensor], pad_id: int = 0) -> tuple[int, int]:
+    """(samples, tokens) of a batch, as users count them.
+
+    Samples are image–text pairs (paired data: one per row) or documents (interleaved data; a
+    packed row holds several, numbered ``0, 1, ...`` in ``doc_ids``), never rows. Tokens are the
+    non-padding ``text`` slots that reach the model: packed, those with ``doc_ids >= 0``;
+    unpacked, each row up to its last non-``pad_id`` token (the collate pads at the end only).
+    One read of two integers (a host sync for device tensors).
+    """
+    if doc_ids is not None:
+        counts = torch.stack([(doc_ids.amax(dim=1) + 1).clamp_min(0).sum(), (doc_ids >= 0).sum()])
+    else:
+        nonpad = text != pad_id
+        # length of each row = position after its last non-pad token (0 for an all-pad row)
+        last = text.shape[1] - torch.argmax(nonpad.flip(1).int(), dim=1)
+        lengths = torch.where(nonpad.any(dim=1), last, torch.zeros_like(last))
+        counts = torch.stack([torch.tensor(text.shape[0], device=text.device), lengths.sum()])
+    samples, tokens = counts.tolist()
+    return int(samples), int(tokens)
+
+
 def drop_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
-    """``batch`` without the given rows (and their images); used when an image fails late."""
+    """``batch`` without the given rows (and their images); used when an image fails late.
+    Its loss targets, if any, are recomputed for the rows kept."""
     drop = set(rows)
     keep = [b for b in range(batch["text_ids"].shape[0]) if b not in drop]
     out = dict(batch)
     for key in ("text_ids", "doc_ids", "position_ids", "num_images"):
         if out.get(key) is not None:
             out[key] = out[key][keep]
+    if out.get("target_token_ids") is not None:
+        token_ids = out["target_token_ids"]
+        out["targets"] = loss_targets(out["text_ids"], out.get("doc_ids"), out.get("position_ids"), token_ids)
     return out
 
 

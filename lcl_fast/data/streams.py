@@ -32,7 +32,7 @@ import torch
 
 from . import remote
 from .decode import prepare_image
-from .packing import Row, RowPacker, collate
+from .packing import Row, RowPacker, add_targets, collate
 from .readers import open_shard
 from .remote import is_remote
 from .sequences import (
@@ -417,6 +417,7 @@ class BatchStream:
                 position = self.samples.position()
                 break
         batch = collate(packer.take(), cfg.context_length, cfg.pack)
+        add_targets(batch, cfg.tokenizer)  # in the worker: the step never reads token values back
         items = batch.pop("images")
         if items and all(isinstance(it, np.ndarray) for it in items):
             batch["images_u8"] = torch.from_numpy(np.stack(items))  # one shared-memory tensor from a worker

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..data.packing import sample_token_counts
 from .distributed import DistEnv
 
 LOGGER_NAME = "lcl_fast.train"
@@ -219,25 +220,13 @@ def plot_curves(run_dir: Path, chance: Optional[float] = None) -> Optional[Path]
 
 
 def batch_counts(batch: dict, pad_id: int = 0) -> tuple[int, int]:
-    """(samples, tokens) of one loader batch, as users count them.
-
-    Samples are image–text pairs (paired data: one per row) or documents (interleaved data; a
-    packed row holds several, numbered ``0, 1, ...`` in ``doc_ids``), never rows. Tokens are the
-    non-padding ``text_ids`` slots that reach the model: packed, those with ``doc_ids >= 0``;
-    unpacked, each row up to its last non-``pad_id`` token (the collate pads at the end only).
-    Read once per step on the host (a few integers; the loop reads its loss there anyway).
-    """
-    text, doc_ids = batch["text_ids"], batch.get("doc_ids")
-    if doc_ids is not None:
-        counts = torch.stack([(doc_ids.amax(dim=1) + 1).clamp_min(0).sum(), (doc_ids >= 0).sum()])
-    else:
-        nonpad = text != pad_id
-        # length of each row = position after its last non-pad token (0 for an all-pad row)
-        last = text.shape[1] - torch.argmax(nonpad.flip(1).int(), dim=1)
-        lengths = torch.where(nonpad.any(dim=1), last, torch.zeros_like(last))
-        counts = torch.stack([torch.tensor(text.shape[0], device=text.device), lengths.sum()])
-    samples, tokens = counts.tolist()
-    return int(samples), int(tokens)
+    """(samples, tokens) of one loader batch (:func:`lcl_fast.data.packing.sample_token_counts`):
+    pairs or documents, never rows; non-padding tokens. The loader counts on the host
+    (``batch["counts"]``, with the pad id in ``target_token_ids``); other batches are counted here."""
+    counted = batch.get("counts")
+    if counted is not None and (batch.get("target_token_ids") or (None,) * 4)[3] == pad_id:
+        return int(counted[0]), int(counted[1])
+    return sample_token_counts(batch["text_ids"], batch.get("doc_ids"), pad_id)
 
 
 class Throughput:

@@ -1,8 +1,8 @@
 """One batch through model and loss, eager or compiled: the part of a training step ``--torchcompile`` compiles.
 
 The value-dependent work of a batch (which ``<start_of_img>`` tokens pair with which images,
-which positions predict a label, the checks on token ids) runs here in eager mode, once per batch
-(:func:`prepare_batch`); the compiled region (:func:`model_and_loss`) then depends on token
+which positions predict a label) comes with it from the data loader, computed on the host; the
+checks on token ids run here in eager mode, once per batch (:func:`prepare_batch`); the compiled region (:func:`model_and_loss`) then depends on token
 values through no shape. Counts that vary from batch to batch (images, pairs, generation tokens)
 are marked dynamic, so that one compiled graph serves them all instead of one per count.
 """
@@ -21,13 +21,16 @@ _DYNAMIC_DIMS = {"images": 0, "pair_text_index": 0, "pair_image_index": 0, "gen_
 
 
 def prepare_batch(model: nn.Module, batch: dict, *, check: bool = True) -> dict[str, Any]:
-    """The model's inputs for ``batch`` (loader dict): images, text, packing ids and :meth:`LCL.batch_targets`.
+    """The model's inputs for ``batch`` (loader dict): images, text, packing ids and :meth:`LCL.batch_targets`
+    (the loader's, computed on the host, when its ``target_token_ids`` are the model's).
 
     ``check`` runs :meth:`LCL.check_inputs` (clear errors on bad token ids; one host sync).
     """
     lcl = unwrap(model)
     text, doc_ids, position_ids = batch["text_ids"], batch.get("doc_ids"), batch.get("position_ids")
-    targets = lcl.batch_targets(text, doc_ids, position_ids)
+    targets = batch.get("targets")
+    if targets is None or batch.get("target_token_ids") != lcl.target_token_ids:
+        targets = lcl.batch_targets(text, doc_ids, position_ids)
     if check:
         lcl.check_inputs(batch["images"], text, doc_ids=doc_ids, position_ids=position_ids, targets=targets)
     return {"images": batch["images"], "text": text, "doc_ids": doc_ids, "position_ids": position_ids, **targets}

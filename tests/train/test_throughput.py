@@ -46,3 +46,42 @@ def test_packed_run_reports_documents_and_tokens(train_env, tmp_path):
     for r in rows:
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and "padding_fraction" in r
     assert torch.tensor([r["step"] for r in rows]).tolist() == list(range(1, steps + 1))
+
+
+def test_loader_selects_and_counts_on_the_host(corpus_cache):
+    """The loader's loss targets and counts are the model's and batch_counts' own; the step uses
+    them only when its token ids agree; dropping rows recomputes them."""
+    from lcl_fast.data import build_train_loader, get_tokenizer
+    from lcl_fast.data.packing import drop_rows, sample_token_counts
+    from lcl_fast.training.step import prepare_batch
+
+    torch.manual_seed(0)
+    model = lcl_fast.create_model("LCL_tiny")
+    tok = get_tokenizer(context_length=64)
+    common = dict(num_img_token=model.num_img_token, image_size=32, decoder="pil", cache_dir=str(corpus_cache))
+    pairs = build_train_loader("synthetic", None, tok, batch_size=6, context_length=64, **common)
+    docs = build_train_loader("synthetic", "interleaved", tok, batch_size=2, context_length=64, pack=True, **common)
+    batches = [b for loader in (pairs, docs) for _, b in zip(range(2), loader)]
+    assert any(b["doc_ids"] is not None for b in batches) and any(b["doc_ids"] is None for b in batches)
+    for batch in batches:
+        assert batch["target_token_ids"] == model.target_token_ids
+        expected = model.batch_targets(batch["text_ids"], batch["doc_ids"], batch["position_ids"])
+        assert expected["pair_text_index"].numel() > 0 and expected["gen_index"].numel() > 0
+        for key, value in expected.items():
+            assert torch.equal(batch["targets"][key], value), key
+        assert batch["counts"] == sample_token_counts(batch["text_ids"], batch["doc_ids"])
+        assert batch_counts(batch) == batch["counts"]
+        # another pad id: counted from the tensors, not taken from the loader
+        assert batch_counts(batch, pad_id=5) == sample_token_counts(batch["text_ids"], batch["doc_ids"], 5)
+        inputs = prepare_batch(model, batch)
+        assert inputs["gen_index"] is batch["targets"]["gen_index"]  # the loader's, not recomputed
+        other = dict(batch, target_token_ids=(1, 2, 3, 0), targets={k: v[:0] for k, v in expected.items()})
+        assert torch.equal(prepare_batch(model, other)["gen_index"], expected["gen_index"])  # recomputed
+
+    raw = collate([[Row([49409, 49408, 49410, 320, 321])], [Row([320, 49409, 49408, 49410, 322])]], 8, packed=False)
+    from lcl_fast.data.packing import add_targets
+
+    add_targets(raw, tok)
+    kept = drop_rows(raw, [0])
+    assert torch.equal(kept["targets"]["pair_text_index"], torch.tensor([1]))
+    assert torch.equal(kept["targets"]["pair_image_index"], torch.tensor([0]))
