@@ -41,7 +41,7 @@ from .distributed import (
     unwrap,
 )
 from .logging_utils import RunRecorder, Throughput, batch_counts, log
-from .optim import clamp_logit_scale
+from .optim import clamp_logit_scale, prime_optimizer_state
 from .step import StepFunction, compilations
 
 WINDOW = 10  # steps averaged for the summary's first/last losses
@@ -236,6 +236,8 @@ class Trainer:
         data = ckpt.load_checkpoint_file(path)
         module = unwrap(self.model)
         set_model_state_dict(module, data["state_dict"], options=StateDictOptions(full_state_dict=True))
+        # --compile-optimizer: the state DCP would create with an eager step, made by the compiled one
+        prime_optimizer_state(self.optimizer, self._params, self._optimizer_step)
         set_optimizer_state_dict(
             module, self.optimizer, data["optimizer"], options=StateDictOptions(full_state_dict=True)
         )

@@ -67,6 +67,38 @@ def _fusable(params: Iterable[torch.Tensor]) -> bool:
     return True
 
 
+def prime_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], step) -> None:
+    """Create a capturable optimizer's state with ``step`` (its compiled step) at learning rate 0.
+
+    Loading an optimizer state dict into a fresh optimizer, torch.distributed.checkpoint first
+    creates the state with an eager step at rate 0, which a capturable AdamW (``--compile-optimizer``)
+    refuses on the CPU. The same step through ``step`` leaves the weights as they are (AdamW's
+    update and its decay both scale with the rate) and gives the loader a state to fill.
+    No-op for other optimizers or when the state exists.
+    """
+    groups = optimizer.param_groups
+    if optimizer.state or not any(g.get("capturable") for g in groups):
+        return
+    rates = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in groups]
+    for g in groups:  # a tensor rate in place: the compiled step keeps reading the same tensor
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(0.0)
+        else:
+            g["lr"] = 0.0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    try:
+        step()
+    finally:
+        for g, rate in zip(groups, rates):
+            if isinstance(rate, torch.Tensor):
+                g["lr"].copy_(rate)
+            else:
+                g["lr"] = rate
+        optimizer.zero_grad(set_to_none=True)
+
+
 def default_warmup(total_steps: int, warmup: int | None, recipe: int = 2000) -> int:
     """``warmup`` as given, else the recipe's 2000 steps or a tenth of the run if that is shorter."""
     return warmup if warmup is not None else min(recipe, max(total_steps // 10, 1))

@@ -237,3 +237,50 @@ def test_eval_command_line(tiny_model, corpus_cache, tmp_path, capsys):
     assert out["num_pairs"] == 20 and 0.0 <= out["retrieval_top1"] <= 1.0
     assert out["zeroshot_images"] == 6 and out["zeroshot_classes"] == 2
     assert json.loads(capsys.readouterr().out)["zeroshot_top1"] == out["zeroshot_top1"]
+
+
+def test_compiled_optimizer_resumes_exactly(tiny_model):
+    """``--compile-optimizer``'s capturable AdamW loads a checkpointed state through
+    torch.distributed.checkpoint (which would step it eagerly, refused on the CPU) and continues
+    as the uninterrupted run does."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from lcl_fast.training.optim import prime_optimizer_state
+
+    full = StateDictOptions(full_state_dict=True)
+    torch.manual_seed(2)
+    grads = [[torch.randn_like(p) for p in tiny_model.parameters()] for _ in range(4)]
+
+    def fresh():
+        model = lcl_fast.create_model("LCL_tiny")
+        model.load_state_dict(tiny_model.state_dict())
+        opt = build_optimizer(param_groups(model, 0.2), lr=1e-2, betas=(0.9, 0.98), eps=1e-6, for_compile=True)
+        return model, opt, torch.compile(opt.step, backend="eager")
+
+    def run(model, step, steps):
+        for g in steps:
+            for p, gp in zip(model.parameters(), g):
+                p.grad = gp.clone()
+            step()
+
+    model, opt, step = fresh()
+    run(model, step, grads)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    model, opt, step = fresh()
+    run(model, step, grads[:2])
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = get_optimizer_state_dict(model, opt, options=full)
+    model, opt, step = fresh()
+    model.load_state_dict(saved_weights)
+    prime_optimizer_state(opt, list(model.parameters()), step)
+    for name, p in model.named_parameters():  # the zero-rate step moved nothing
+        assert torch.equal(p, saved_weights[name]), name
+    set_optimizer_state_dict(model, opt, saved_opt, options=full)
+    run(model, step, grads[2:])
+    for a, b in zip(model.parameters(), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
