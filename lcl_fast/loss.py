@@ -106,7 +106,8 @@ class LCLLoss(nn.Module):
             )
         if lm_head_weight.dim() == 2 or lm_head_weight.shape[0] == 1:
             # One micro-batch (the static shape says so: no host sync): every row carries gradients.
-            weight = lm_head_weight if lm_head_weight.dim() == 2 else lm_head_weight[0]
+            # squeeze, not [0]: a view's backward reshapes; indexing's fills a vocabulary-sized zero tensor
+            weight = lm_head_weight if lm_head_weight.dim() == 2 else lm_head_weight.squeeze(0)
             return linear_cross_entropy(hidden, weight, labels, ignore_index=self.pad_id, impl=self.impl)
         # open_clip's cached-feature accumulation concatenated k micro-batches: rows of the others were
         # computed without gradients. Through logits they would reach nothing; here they must not reach

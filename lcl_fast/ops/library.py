@@ -248,6 +248,8 @@ def _(grad, hidden, weight, labels, lse, ignore_index, reduction, impl, need_dh,
 def _lce_setup(ctx, inputs, output) -> None:
     hidden, weight, labels, ignore_index, reduction, impl, need_dh, need_dw = inputs
     _, lse, dh, dw = output
+    # only the loss is differentiated: no zero gradients materialised for lse, dh and dw ([V, D])
+    ctx.set_materialize_grads(False)
     ctx.fused = _lce_fused(impl, reduction, need_dh, need_dw)
     ctx.args = (ignore_index, reduction, impl)
     ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -265,6 +267,8 @@ def _lce_backward(ctx, grad, _g_lse, _g_dh, _g_dw):
             "linear_cross_entropy hands its saved gradients to the first backward; a second backward "
             "through the same graph (retain_graph=True) is not supported"
         )
+    if grad is None:  # the loss took no part in what is differentiated (grads are not materialised)
+        return None, None, None, None, None, None, None, None
     if ctx.fused:
         ctx.used = True
         dh, dw = ctx.saved_tensors

@@ -84,7 +84,7 @@ def _torch_fused(
     safe_labels = torch.where(valid, labels, 0)
     losses = torch.empty(T, dtype=acc, device=hidden.device)
     dh = torch.empty(T, D, dtype=hidden.dtype, device=hidden.device) if need_dh else None
-    dw = torch.zeros(V, D, dtype=acc, device=hidden.device) if need_dw else None
+    dw = torch.empty(V, D, dtype=acc, device=hidden.device) if need_dw else None
     for t0 in range(0, T, rows):
         t1 = min(T, t0 + rows)
         h = hidden[t0:t1]
@@ -103,8 +103,13 @@ def _torch_fused(
                 torch.mm(tile.T, weight, out=dh[t0:t1])
             else:
                 dh[t0:t1] = tile.T.to(hidden.dtype) @ weight
-        if need_dw:
-            dw.addmm_(tile, h.to(acc))
+        if need_dw:  # the first chunk writes dW (no zero fill of a vocabulary-sized buffer)
+            if t0 == 0:
+                torch.mm(tile, h.to(acc), out=dw)
+            else:
+                dw.addmm_(tile, h.to(acc))
+    if need_dw and T == 0:
+        dw.zero_()
     return losses, dh, dw
 
 
