@@ -227,7 +227,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="checkpoint (training checkpoint or state dict); without it, the fixed-seed initialisation",
     )
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (with a CPU model: at most the cores its threads leave free)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="image-decoding processes (with a CPU model: at most the cores its threads leave free)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--precision", default="auto", choices=("auto", "fp32", "amp_bf16", "amp"), help="auto: amp_bf16 on CUDA"

@@ -56,7 +56,9 @@ class TrainConfig:
     torchcompile: bool = _field(
         False, "torch.compile model + loss as one graph (value checks stay eager; warm-up reported apart)"
     )
-    compile_optimizer: bool = _field(False, "with --torchcompile, compile a foreach AdamW step instead of the fused one (slower on CPU)")
+    compile_optimizer: bool = _field(
+        False, "with --torchcompile, compile a foreach AdamW step instead of the fused one (slower on CPU)"
+    )
     # --- data
     train_data: Optional[str] = _field(
         None,

@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from ..data.packing import sample_token_counts
 from .distributed import DistEnv
 

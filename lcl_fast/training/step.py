@@ -2,9 +2,10 @@
 
 The value-dependent work of a batch (which ``<start_of_img>`` tokens pair with which images,
 which positions predict a label) comes with it from the data loader, computed on the host; the
-checks on token ids run here in eager mode, once per batch (:func:`prepare_batch`); the compiled region (:func:`model_and_loss`) then depends on token
-values through no shape. Counts that vary from batch to batch (images, pairs, generation tokens)
-are marked dynamic, so that one compiled graph serves them all instead of one per count.
+checks on token ids run here in eager mode, once per batch (:func:`prepare_batch`); the compiled
+region (:func:`model_and_loss`) then depends on token values through no shape. Counts that vary
+from batch to batch (images, pairs, generation tokens) are marked dynamic, so that one compiled
+graph serves them all instead of one per count.
 """
 
 from __future__ import annotations
