@@ -30,7 +30,7 @@ def prepare_batch(model: nn.Module, batch: dict, *, check: bool = True) -> dict[
     lcl = unwrap(model)
     text, doc_ids, position_ids = batch["text_ids"], batch.get("doc_ids"), batch.get("position_ids")
     targets = batch.get("targets")
-    if targets is None or batch.get("target_token_ids") != lcl.target_token_ids:
+    if targets is None or tuple(batch.get("target_token_ids") or ()) != lcl.target_token_ids:
         targets = lcl.batch_targets(text, doc_ids, position_ids)
     if check:
         lcl.check_inputs(batch["images"], text, doc_ids=doc_ids, position_ids=position_ids, targets=targets)
