@@ -231,6 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if env.is_main:
             plot_curves(run_dir, summary["chance"])
             print_summary(summary, run_dir)
+        D.cleanup(drain=True)  # every rank got here: let in-flight collectives settle before teardown
         return 0
     except ConfigError as err:
         print(f"lcl_fast.train: error: {err}", file=sys.stderr)

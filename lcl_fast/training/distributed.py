@@ -57,8 +57,19 @@ def setup(device_request: str = "auto") -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def cleanup() -> None:
+def cleanup(*, drain: bool = False) -> None:
+    """Destroy the process group (a no-op without one).
+
+    ``drain`` (a run every rank finished normally): a barrier first. Gloo's worker threads drop a
+    finished collective's tensors after the caller has moved on, and that needs the GIL; when the
+    last reference to the process group goes at exit, its destructor joins those threads while
+    holding the GIL, and a thread still dropping an all-gather's tensors never returns (seen as a
+    hang at exit after the run's last all_gather_object). While waiting at the barrier the caller
+    releases the GIL, so those threads finish; the barrier's own work holds no Python tensors.
+    """
     if dist.is_available() and dist.is_initialized():
+        if drain:
+            dist.barrier()
         dist.destroy_process_group()
 
 
