@@ -22,7 +22,7 @@ from . import config as C
 from ._impl import resolve_impl
 from .nn.towers import AttentivePoolingProjection, TextTower, VisionTower
 from .nn.transformer import LayerNorm
-from .targets import loss_targets
+from .targets import PAD_ID, loss_targets
 
 
 class LCL(nn.Module):
@@ -68,7 +68,7 @@ class LCL(nn.Module):
             LayerNorm(tcfg.width, fp32=fp32_norm), nn.Linear(tcfg.width, tcfg.vocab_size, bias=False)
         )
 
-        self.pad_id = 0  # the reference treats id 0 as padding in the generation labels
+        self.pad_id = PAD_ID
         self.sot_id = ids["<start_of_text>"]
         self.eot_id = ids["<end_of_text>"]
         self.img_id = ids["<img_placehold>"]

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..targets import loss_targets, target_token_ids
+from ..targets import PAD_ID, loss_targets, target_token_ids
 
 
 @dataclass
@@ -118,7 +118,9 @@ def add_targets(batch: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     return batch
 
 
-def sample_token_counts(text: torch.Tensor, doc_ids: Optional[torch.Tensor], pad_id: int = 0) -> tuple[int, int]:
+def sample_token_counts(
+    text: torch.Tensor, doc_ids: Optional[torch.Tensor], pad_id: int = PAD_ID
+) -> tuple[int, int]:
     """(samples, tokens) of a batch, as users count them.
 
     Samples are image–text pairs (paired data: one per row) or documents (interleaved data; a

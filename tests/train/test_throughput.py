@@ -52,7 +52,7 @@ def test_loader_selects_and_counts_on_the_host(corpus_cache):
     """The loader's loss targets and counts are the model's and batch_counts' own; the step uses
     them only when its token ids agree; dropping rows recomputes them."""
     from lcl_fast.data import build_train_loader, get_tokenizer
-    from lcl_fast.data.packing import drop_rows, sample_token_counts
+    from lcl_fast.data.packing import add_targets, drop_rows, sample_token_counts
     from lcl_fast.training.step import prepare_batch
 
     torch.manual_seed(0)
@@ -79,8 +79,6 @@ def test_loader_selects_and_counts_on_the_host(corpus_cache):
         assert torch.equal(prepare_batch(model, other)["gen_index"], expected["gen_index"])  # recomputed
 
     raw = collate([[Row([49409, 49408, 49410, 320, 321])], [Row([320, 49409, 49408, 49410, 322])]], 8, packed=False)
-    from lcl_fast.data.packing import add_targets
-
     add_targets(raw, tok)
     kept = drop_rows(raw, [0])
     assert torch.equal(kept["targets"]["pair_text_index"], torch.tensor([1]))
