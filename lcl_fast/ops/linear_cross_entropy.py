@@ -9,9 +9,10 @@ Here the loss and the gradients of ``hidden`` and ``weight`` are computed tile b
 - ``impl="torch"``: plain PyTorch, two strategies.
   *Fused* (``reduction`` "mean"/"sum" with a gradient needed): the gradients are computed during
   the forward, one token chunk at a time, the chunk's logits for the whole vocabulary in one
-  reused float32 buffer of at most ``_TILE_BYTES`` (339 tokens at V = 49411): one matmul
-  for the logits, one exp, one matmul each for ``dH`` and ``dW`` (float32 accumulation), i.e.
-  no more matmuls than the reference; the backward only scales them by the incoming gradient.
+  float32 buffer of at most ``_TILE_BYTES`` (339 tokens at V = 49411; kept between calls on
+  the CPU): the logits' matmul, one in-place softmax, the matmuls for ``dH`` and ``dW``
+  (float32 accumulation), i.e. no more matmul work than the reference; the backward only
+  scales them by the incoming gradient.
   *Recompute* (``reduction="none"``, or no gradient needed): the forward walks ``[token chunk,
   vocab chunk]`` tiles with an online log-sum-exp and saves ``[T]`` of them; the backward
   recomputes the tiles (vocab chunk outer so each ``dW`` slice stays hot).
@@ -26,6 +27,10 @@ with zero gradients (``nn.CrossEntropyLoss``, as the reference calls it, returns
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +40,7 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TILE_BYTES = 64 * 2**20  # the torch path's logits buffer (bigger tiles: fewer, larger matmuls)
 _VOCAB_CHUNK = 4096  # vocabulary columns per tile in the torch path's recompute strategy
+_FUSED_VOCAB_CHUNK = 1024  # columns per matmul in the fused strategy on the CPU (an L2-sized output)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,6 +56,47 @@ def _logits_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
 
 def _buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(rows * cols, dtype=dtype, device=device)
+
+
+class _Workspace:
+    """The fused torch path's logits buffer, kept between calls on the CPU.
+
+    A fresh buffer of tens of MB is a fresh ``mmap`` for glibc: its first touch faults in every
+    page again, each step (on the default run that cost as much as the logits matmul). CUDA's
+    caching allocator already reuses memory, so only CPU buffers are kept: one per dtype, grown
+    to the largest size asked for, and lent to one caller at a time (a concurrent caller gets a
+    buffer of its own). :func:`release_workspace` frees them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def borrow(self, numel: int, dtype: torch.dtype, device: torch.device) -> Iterator[torch.Tensor]:
+        if device.type != "cpu" or not self._lock.acquire(blocking=False):
+            yield torch.empty(numel, dtype=dtype, device=device)
+            return
+        try:
+            buf = self._buffers.get(dtype)
+            if buf is None or buf.numel() < numel:
+                self._buffers.pop(dtype, None)  # free the smaller one before allocating
+                buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+            yield buf
+        finally:
+            self._lock.release()
+
+    def release(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the CPU logits buffer the fused torch path keeps between calls (at most ~64 MiB a dtype)."""
+    _WORKSPACE.release()
 
 
 def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -74,40 +121,56 @@ def _torch_fused(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-token losses plus the gradients of ``sum_t token_scale[t] * CE_t``, in one pass.
 
+    Per token chunk: the ``[tokens, V]`` logits (matmuls of ``_FUSED_VOCAB_CHUNK`` columns on the
+    CPU, whose outputs stay in cache), their softmax in place (one fused kernel, each row in
+    cache), ``P - onehot`` by a scatter, then ``dH`` and ``dW`` by matmuls over the same column
+    blocks; ``token_scale`` multiplies the ``[tokens, D]`` operands, never the tile. The
+    log-sum-exp comes from the row maximum and the softmax's largest entry (``1 / sum exp``).
     ``dH`` comes back in the inputs' dtype, ``dW`` in the accumulation dtype.
     """
     T, D = hidden.shape
     V = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     rows = max(1, min(T, _TILE_BYTES // (V * acc.itemsize)))
-    buf = _buffer(V, rows, acc, hidden.device)
+    cols = _FUSED_VOCAB_CHUNK if hidden.device.type == "cpu" else V
+    blocks = [(v0, min(V, v0 + cols)) for v0 in range(0, V, cols)]
     safe_labels = torch.where(valid, labels, 0)
     losses = torch.empty(T, dtype=acc, device=hidden.device)
     dh = torch.empty(T, D, dtype=hidden.dtype, device=hidden.device) if need_dh else None
     dw = torch.empty(V, D, dtype=acc, device=hidden.device) if need_dw else None
-    for t0 in range(0, T, rows):
-        t1 = min(T, t0 + rows)
-        h = hidden[t0:t1]
-        lab = safe_labels[None, t0:t1]
-        # the tile is logits.T, [V, tokens]: MKL computes W @ h.T faster than h @ W.T
-        tile = _logits_into(_tile(buf, V, t1 - t0), weight, h)
-        label_logit = tile.gather(0, lab).squeeze(0)
-        col_max = tile.amax(dim=0)
-        sum_exp = tile.sub_(col_max).exp_().sum(dim=0)
-        losses[t0:t1] = torch.where(valid[t0:t1], col_max + sum_exp.log() - label_logit, 0.0)
-        scale = token_scale[t0:t1]
-        # tile becomes (softmax - onehot).T * scale; ignored tokens have scale 0
-        tile.mul_(scale / sum_exp).scatter_add_(0, lab, -scale[None, :])
-        if need_dh:
-            if tile.dtype == hidden.dtype:
-                torch.mm(tile.T, weight, out=dh[t0:t1])
-            else:
-                dh[t0:t1] = tile.T.to(hidden.dtype) @ weight
-        if need_dw:  # the first chunk writes dW (no zero fill of a vocabulary-sized buffer)
-            if t0 == 0:
-                torch.mm(tile, h.to(acc), out=dw)
-            else:
-                dw.addmm_(tile, h.to(acc))
+    with _WORKSPACE.borrow(rows * V, acc, hidden.device) as buf:
+        for t0 in range(0, T, rows):
+            t1 = min(T, t0 + rows)
+            h = hidden[t0:t1]
+            lab = safe_labels[t0:t1, None]
+            tile = _tile(buf, t1 - t0, V)
+            for v0, v1 in blocks:
+                _logits_into(tile[:, v0:v1], h, weight[v0:v1])
+            label_logit = tile.gather(1, lab).squeeze(1)
+            row_max = tile.amax(dim=1)
+            torch.softmax(tile, 1, out=tile)
+            lse = row_max - tile.amax(dim=1).log()
+            losses[t0:t1] = torch.where(valid[t0:t1], lse - label_logit, 0.0)
+            tile.scatter_add_(1, lab, torch.full_like(label_logit, -1.0)[:, None])  # P - onehot
+            scale = token_scale[t0:t1, None]
+            if need_dh:
+                if tile.dtype == hidden.dtype:
+                    dh_chunk = dh[t0:t1]
+                    for v0, v1 in blocks:
+                        if v0 == 0:
+                            torch.mm(tile[:, v0:v1], weight[v0:v1], out=dh_chunk)
+                        else:
+                            dh_chunk.addmm_(tile[:, v0:v1], weight[v0:v1])
+                    dh_chunk.mul_(scale)
+                else:
+                    dh[t0:t1] = ((tile.to(hidden.dtype) @ weight).to(acc) * scale).to(hidden.dtype)
+            if need_dw:  # the first chunk writes dW (no zero fill of a vocabulary-sized buffer)
+                scaled_h = h.to(acc) * scale
+                for v0, v1 in blocks:
+                    if t0 == 0:
+                        torch.mm(tile[:, v0:v1].T, scaled_h, out=dw[v0:v1])
+                    else:
+                        dw[v0:v1].addmm_(tile[:, v0:v1].T, scaled_h)
     if need_dw and T == 0:
         dw.zero_()
     return losses, dh, dw

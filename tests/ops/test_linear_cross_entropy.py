@@ -59,6 +59,7 @@ def tiles(request, monkeypatch):
     if request.param == "tiny":
         monkeypatch.setattr(lce_mod, "_TILE_BYTES", 2560)  # fused: a few tokens per chunk
         monkeypatch.setattr(lce_mod, "_VOCAB_CHUNK", 64)  # recompute: 64 columns, 10 rows
+        monkeypatch.setattr(lce_mod, "_FUSED_VOCAB_CHUNK", 48)  # fused: matmuls of 48 columns
     return request.param
 
 
@@ -211,6 +212,29 @@ def test_autocast_computes_the_head_in_the_autocast_dtype(impl, tiles):
     assert_close(loss, want[0], rtol=0, atol=0, name="loss")
     assert_close(h.grad, want[1].float(), rtol=0, atol=0, name="d_hidden")
     assert_close(w.grad, want[2].float(), rtol=0, atol=0, name="d_weight")
+
+
+def test_fused_workspace_is_kept_grown_and_lent_once():
+    """The CPU buffer survives calls, grows for a bigger tile, and a second borrower gets its own."""
+    lce_mod.release_workspace()
+    ws, cpu = lce_mod._WORKSPACE, torch.device("cpu")
+    with ws.borrow(10, torch.float32, cpu) as a:
+        with ws.borrow(10, torch.float32, cpu) as busy:
+            assert busy.data_ptr() != a.data_ptr()
+    with ws.borrow(8, torch.float32, cpu) as b:
+        assert b.data_ptr() == a.data_ptr()
+    with ws.borrow(20, torch.float32, cpu) as c:
+        assert c.numel() >= 20
+    # a small problem after a bigger one (a buffer longer than the tile) still gives the oracle's values
+    for T in (40, 5):
+        hidden, weight, labels, g = _problem(T, 16, 300, seed=T)
+        upstream = _upstream("mean", T, g, torch.float64)
+        want = _oracle(hidden, weight, labels, -100, "mean", upstream)
+        got = _run("torch", hidden, weight, labels, -100, "mean", upstream, torch.float64)
+        for a, e, name in zip(got, want, ("loss", "d_hidden", "d_weight")):
+            _assert_rel(a, e, 1e-12, name)
+    lce_mod.release_workspace()
+    assert not ws._buffers
 
 
 def test_auto_picks_torch_on_cpu(monkeypatch):
