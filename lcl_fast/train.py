@@ -30,6 +30,7 @@ from .training import distributed as D
 from .training.checkpoint import latest_checkpoint
 from .training.config import ConfigError, TrainConfig, parse_config
 from .training.evaluation import RunEvaluator
+from .training.host_memory import keep_freed_memory
 from .training.logging_utils import (
     RunRecorder,
     close_logging,
@@ -216,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_dir = prepare_run_dir(cfg, env)
         setup_logging(run_dir, env)
         log.info("run %s: world %d, device %s; config %s", run_dir, env.world_size, env.device, cfg.to_dict())
+        if cfg.keep_freed_memory and keep_freed_memory():
+            log.info("host memory: freed memory is kept for reuse (--no-keep-freed-memory: the C library's default)")
         trainer, evaluator = build_trainer(cfg, env, run_dir)
         path = resume_path(cfg, run_dir)
         if path is not None:

@@ -125,6 +125,10 @@ class TrainConfig:
     precision: str = _field("auto", "auto: amp_bf16 on CUDA, fp32 on CPU", choices=PRECISIONS)
     device: str = _field("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     fsdp: bool = _field(False, "shard parameters, gradients and optimizer state with FSDP2 (instead of DDP)")
+    keep_freed_memory: bool = _field(
+        True, "glibc reuses freed host memory instead of returning it (no page faults per step; "
+        "resident memory stays at its peak)", negatable=True,
+    )
     seed: int = _field(0, "random seed (rank r uses seed + r for data randomness)")
     # --- faults
     max_nonfinite_steps: int = _field(
