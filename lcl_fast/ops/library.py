@@ -260,6 +260,16 @@ def _lce_setup(ctx, inputs, output) -> None:
     ctx.used = False
 
 
+def _scaled(saved: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``saved * grad`` in ``dtype``. In eager mode in place when ``saved`` has that dtype: the op's
+    own buffer, handed out once (``ctx.used``), so a ``[V, D]`` gradient needs no second buffer of fresh
+    pages a step. Traced graphs (torch.compile, AOT dispatch: fake or functional tensor subclasses)
+    stay functional; inductor plans their buffers."""
+    if saved.dtype == dtype and type(saved) is Tensor and not torch.compiler.is_compiling():
+        return saved.mul_(grad.to(dtype))
+    return (saved * grad.to(saved.dtype)).to(dtype)
+
+
 def _lce_backward(ctx, grad, _g_lse, _g_dh, _g_dw):
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if ctx.used:
@@ -274,8 +284,8 @@ def _lce_backward(ctx, grad, _g_lse, _g_dh, _g_dw):
         dh, dw = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         # the loss is a scalar: every token's gradient scales by the incoming one
-        dh = (dh * grad.to(dh.dtype)).to(h_dtype) if need_dh else None
-        dw = (dw * grad.to(dw.dtype)).to(w_dtype) if need_dw else None
+        dh = _scaled(dh, grad, h_dtype) if need_dh else None
+        dw = _scaled(dw, grad, w_dtype) if need_dw else None
         return dh, dw, None, None, None, None, None, None
     hidden, weight, labels, lse = ctx.saved_tensors
     dh, dw = linear_cross_entropy_bwd(grad, hidden, weight, labels, lse, *ctx.args, need_dh, need_dw)

@@ -237,6 +237,38 @@ def test_fused_workspace_is_kept_grown_and_lent_once():
     assert not ws._buffers
 
 
+def test_fused_backward_scales_its_own_gradient_buffers_in_place():
+    """Eager backward of the fused path: the incoming gradient scales dH and dW in place (no second
+    [V, D] tensor a step), with the float64 oracle's values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []  # (op, output shape) of every op that returns a tensor
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.made.append((func, tuple(out.shape)))
+            return out
+
+    T, D, V = 23, 8, 301
+    hidden, weight, labels, _ = _problem(T, D, V, seed=4)
+    upstream = torch.tensor(2.5, dtype=torch.float64)
+    want = _oracle(hidden, weight, labels, -100, "mean", upstream)
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, impl="torch")
+    with Record() as rec:
+        (loss * upstream).backward()
+    scaled = [(f, s) for f, s in rec.made if f is torch.ops.aten.mul_.Tensor]
+    assert sorted(s for _, s in scaled) == [(T, D), (V, D)]
+    fresh = [f for f, s in rec.made if s == (V, D) and f._schema.name in ("aten::mul", "aten::empty", "aten::clone")]
+    assert not fresh, fresh
+    for a, e, name in zip((loss.detach(), h.grad, w.grad), want, ("loss", "d_hidden", "d_weight")):
+        _assert_rel(a, e, 1e-12, name)
+
+
 def test_auto_picks_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("LCL_FAST_IMPL", raising=False)
     hidden, weight, labels, _ = _problem(17, 8, 40, seed=2)
