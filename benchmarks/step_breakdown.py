@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import torch
-
 import lcl_fast.loss as loss_module
 from lcl_fast.train import build_trainer
 from lcl_fast.training import distributed as D
@@ -47,7 +45,7 @@ class OpClock:
         self.seconds = 0.0
         self._op = loss_module.linear_cross_entropy
 
-    def __enter__(self) -> "OpClock":
+    def __enter__(self) -> OpClock:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             out = self._op(*args, **kwargs)
