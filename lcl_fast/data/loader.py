@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import remote
+from .batches import BatchStream, RowMaker
 from .decode import BatchDecoder, normalize_uint8, resolve_backend
 from .packing import RowPacker, drop_rows, row_of_image, sample_token_counts
 from .readers import TarShard, shard_size
@@ -47,7 +48,7 @@ from .remote import is_remote
 from .shards import expand_shards
 from .skips import BadSample, SkipCounter, merge_counts
 from .streaming import make_sample_stream, tar_samples
-from .streams import BatchStream, RowMaker, StreamConfig
+from .streams import StreamConfig
 
 log = logging.getLogger("lcl_fast.data")
 
@@ -414,7 +415,7 @@ def build_train_loader(
     ``num_samples`` / ``steps_per_epoch`` override the counted dataset size / epoch length.
     ``image_root``: the MMC4 image folder (or URL prefix). ``cache_dir``: where the synthetic
     corpus lives. ``shuffle_buffer``: samples per stream in the sample shuffle buffer (0: none;
-    capped at a stream's share of the data). ``resampled``: shards drawn with replacement.
+    a stream's share of the data smaller than that is held whole). ``resampled``: shards drawn with replacement.
     ``shard_cache``: copy remote shards whole into this folder (else they are streamed).
     ``data_audit``: append the consumed keys to this file (``.rank{r}`` added when distributed).
 
@@ -487,7 +488,7 @@ def build_train_loader(
         backend=backend,
         image_root=image_root,
         shuffle=shuffle,
-        shuffle_buffer=min(shuffle_buffer, max(1, total // n_streams)) if shuffle else 0,
+        shuffle_buffer=shuffle_buffer if shuffle else 0,
         resampled=resampled,
         cache_dir=shard_cache,
     )

@@ -10,7 +10,10 @@ the samples already consumed. A shard that cannot be read after retries is count
 (``shard_unreadable``, or ``shard_missing`` when it does not exist) and the stream goes on.
 
 :class:`ShuffleBuffer` is webdataset's sample shuffle: it holds ``n`` samples, and each call puts
-in the next sample of the stream and takes out a random one. The draws come from
+in the next sample of the stream and takes out a random one. It holds one data epoch at a time:
+when the next epoch's first sample comes in, it waits until this epoch's samples are all out, so
+a stream's share of the data smaller than ``n`` is simply held whole (small data needs no
+smaller buffer) and the samples handed out keep the data epochs in order. The draws come from
 ``(seed, stream, draw count)``, so the order is a function of the seed; the buffer's state is the
 ids of the samples it holds (``[data_epoch, shard_pos, index, byte]``) plus the draw count. A
 restored buffer reads those samples again (by index from local shards; remote tars are streamed
@@ -210,14 +213,20 @@ class TarStream(SampleStream):
 
 
 class ShuffleBuffer:
-    """Webdataset's sample shuffle buffer over a sample stream (see the module docstring)."""
+    """Webdataset's sample shuffle buffer over a sample stream, one data epoch at a time (see the
+    module docstring)."""
 
     def __init__(self, inner: SampleStream, size: int, position: Optional[dict[str, Any]] = None):
         self.inner, self.size = inner, size
         position = position or {}
         self.draws = int(position.get("draws", 0))
         held = position.get("buffer") or []
-        self.items: list[tuple] = [x for x in inner.refetch(held) if x is not None] if held else []
+        got = [x for x in inner.refetch(held) if x is not None] if held else []
+        # items: samples of the data epoch being handed out; later: read ahead from the next one
+        # (one at most, kept until the epoch is drained). A position lists items then later.
+        first = min((x[0][0] for x in got), default=0)
+        self.items: list[tuple] = [x for x in got if x[0][0] == first]
+        self.later: list[tuple] = [x for x in got if x[0][0] != first]
         # The ids again, kept in step with items: a position is then one shallow list copy (ids
         # are never changed in place), taken before every sample.
         self.ids: list[list[int]] = [x[0] for x in self.items]
@@ -244,13 +253,28 @@ class ShuffleBuffer:
         return self.inner.offset
 
     def position(self) -> dict[str, Any]:
-        return {**self.inner.position(), "buffer": self.ids.copy(), "draws": self.draws}
+        buffer = self.ids + [x[0] for x in self.later] if self.later else self.ids.copy()
+        return {**self.inner.position(), "buffer": buffer, "draws": self.draws}
+
+    def _fill(self) -> None:
+        """Fill up to ``size`` samples of one data epoch: a data epoch smaller than the buffer is
+        held whole (and drained before the next one comes in)."""
+        if not self.items and self.later:
+            epoch = self.later[0][0][0]
+            self.items = [x for x in self.later if x[0][0] == epoch]
+            self.later = [x for x in self.later if x[0][0] != epoch]
+            self.ids = [x[0] for x in self.items]
+        while not self.later and len(self.items) < self.size:
+            raw, reader, seed = self.inner.next()
+            item = (self.inner.last_id, raw, reader, seed)
+            if self.items and item[0][0] != self.items[0][0][0]:
+                self.later.append(item)  # the next data epoch starts: drain this one first
+            else:
+                self.items.append(item)
+                self.ids.append(item[0])
 
     def next(self) -> tuple[dict[str, Any], Any, int]:
-        while len(self.items) < self.size:
-            raw, reader, seed = self.inner.next()
-            self.items.append((self.inner.last_id, raw, reader, seed))
-            self.ids.append(self.inner.last_id)
+        self._fill()
         j = mix_seed(self.inner.cfg.seed, self.sid, self.draws, 7) % len(self.items)
         self.draws += 1
         self.items[j], self.items[-1] = self.items[-1], self.items[j]
