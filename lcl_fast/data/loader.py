@@ -77,11 +77,12 @@ def _sizes_json(shards: list[str]) -> Optional[list[int]]:
 
 
 def count_samples(
-    dataset_type: str, shards: list[str], exact: bool = False
+    dataset_type: str, shards: list[str], exact: bool = False, cache_dir: Optional[str] = None
 ) -> tuple[Optional[list[int]], int]:
     """``(per-shard sizes or None, total)``: exact for up to 64 shards (or ``exact``), else
     estimated from the first 8 shards' samples per byte. Remote shards are not read to count
-    them: their sizes come from a ``sizes.json`` beside them, else ``(None, 0)``."""
+    them: their sizes come from a ``sizes.json`` beside them, else ``(None, 0)``. ``cache_dir``:
+    where the shard indexes live (default ``$LCL_FAST_CACHE``)."""
     if dataset_type == "webdataset" or any(map(is_remote, shards)):
         sizes = _sizes_json(shards)
         if sizes is not None:
@@ -89,10 +90,10 @@ def count_samples(
     if any(map(is_remote, shards)):
         return None, 0
     if exact or len(shards) <= _EXACT_COUNT_LIMIT or dataset_type == "obelics":
-        sizes = [shard_size(dataset_type, s) for s in shards]
+        sizes = [shard_size(dataset_type, s, cache_dir) for s in shards]
         return sizes, sum(sizes)
     probe = shards[:8]
-    counted = sum(shard_size(dataset_type, s) for s in probe)
+    counted = sum(shard_size(dataset_type, s, cache_dir) for s in probe)
     probe_bytes = sum(os.path.getsize(s) for s in probe if os.path.exists(s))
     all_bytes = sum(os.path.getsize(s) for s in shards if os.path.exists(s))
     return None, int(counted * all_bytes / max(1, probe_bytes))
@@ -416,7 +417,8 @@ def build_train_loader(
     ``image_root``: the MMC4 image folder (or URL prefix). ``cache_dir``: where the synthetic
     corpus lives. ``shuffle_buffer``: samples per stream in the sample shuffle buffer (0: none;
     a stream's share of the data smaller than that is held whole). ``resampled``: shards drawn with replacement.
-    ``shard_cache``: copy remote shards whole into this folder (else they are streamed).
+    ``shard_cache``: copy remote shards whole into this folder (else they are streamed); shard
+    indexes live in its ``index`` folder (else in ``$LCL_FAST_CACHE/index``), never beside the shards.
     ``data_audit``: append the consumed keys to this file (``.rank{r}`` added when distributed).
 
     Remote shards (fsspec URLs, ``pipe:COMMAND``) are checked before anything else (bad
@@ -451,7 +453,7 @@ def build_train_loader(
     if remote_shards:
         remote.check_access(remote_shards[0])
     n_streams = world_size * streams
-    sizes, total = count_samples(kind, shards, exact=len(shards) < n_streams)
+    sizes, total = count_samples(kind, shards, exact=len(shards) < n_streams, cache_dir=shard_cache)
     if num_samples is not None:
         total = num_samples
     elif remote_shards and sizes is None:

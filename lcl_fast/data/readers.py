@@ -103,10 +103,10 @@ def pair_from_members(path: str, key: str, members: Any, get: Callable[[str], by
 class TarShard:
     """Random access to the samples of one webdataset tar shard."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, cache_dir: str | None = None):
         self.path = path
         try:
-            index = load_index(path, "tar", _build_tar_index)
+            index = load_index(path, "tar", _build_tar_index, cache_dir)
         except OSError as e:
             raise BadSample("shard_unreadable", f"{path}: {e}") from e
         self._samples = index["samples"]
@@ -256,8 +256,8 @@ class Mmc4Shard:
         self._lines = []
 
 
-def count_jsonl(path: str) -> int:
-    index = load_index(path, "jsonl", lambda p: {"num_samples": len(_read_jsonl_lines(p))})
+def count_jsonl(path: str, cache_dir: str | None = None) -> int:
+    index = load_index(path, "jsonl", lambda p: {"num_samples": len(_read_jsonl_lines(p))}, cache_dir)
     return int(index["num_samples"])
 
 
@@ -355,7 +355,8 @@ def open_shard(
     cache_dir: str | None = None,
 ):
     """A reader for one shard of ``dataset_type`` ("webdataset" | "mmc4" | "obelics"); a remote
-    shard is first copied whole into ``cache_dir`` when given (then read like a local one)."""
+    shard is first copied whole into ``cache_dir`` when given (then read like a local one).
+    Index files go to the cache folder (``cache_dir`` or ``$LCL_FAST_CACHE``; see :mod:`.shards`)."""
     source = path
     if cache_dir and is_remote(path):
         try:
@@ -363,7 +364,7 @@ def open_shard(
         except OSError as e:
             raise _unreadable(source, e) from e
     if dataset_type == "webdataset":
-        return TarShard(path)
+        return TarShard(path, cache_dir)
     if dataset_type == "mmc4":
         return Mmc4Shard(path, image_root, source=source)
     if dataset_type == "obelics":
@@ -371,13 +372,14 @@ def open_shard(
     raise ValueError(f"dataset_type must be 'webdataset', 'mmc4' or 'obelics', got {dataset_type!r}")
 
 
-def shard_size(dataset_type: str, path: str) -> int:
-    """Number of samples in a shard (from its index file, built when missing); 0 if unreadable."""
+def shard_size(dataset_type: str, path: str, cache_dir: str | None = None) -> int:
+    """Number of samples in a shard (from its index file in the cache folder, built when
+    missing); 0 if unreadable."""
     try:
         if dataset_type == "webdataset":
-            return len(TarShard(path))
+            return len(TarShard(path, cache_dir))
         if dataset_type == "mmc4":
-            return count_jsonl(path)
+            return count_jsonl(path, cache_dir)
         return count_parquet(path)
     except (BadSample, *_ZIP_ERRORS):
         return 0

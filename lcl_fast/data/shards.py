@@ -6,10 +6,11 @@ open_clip does: a folder (every shard file in it), a brace pattern
 ``::``. The order is kept (folders sorted), so every rank sees the same list. Remote URLs
 (``s3://...``, ``pipe:COMMAND``) are expanded the same way; a remote folder is listed.
 
-Index files (``<shard>.lclidx``, JSON) hold what must be read once per shard: the byte ranges
-of a tar's members, the number of documents of a jsonl shard. They are written next to the
-shard, or under ``$LCL_FAST_CACHE/index`` when that folder is read-only, atomically (ranks may
-build the same index at once), and rebuilt when the shard's size or mtime changes.
+Index files (``.lclidx``, JSON) hold what must be read once per shard: the byte ranges of a
+tar's members, the number of documents of a jsonl shard. They live in the cache folder
+(``<--cache-dir>/index``, else ``$LCL_FAST_CACHE/index``, default ``~/.cache/lcl_fast/index``),
+never beside the shards, keyed by the shard's path, size and mtime (a changed shard gets a new
+index), and are written atomically (ranks may build the same index at once).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import braceexpand
 
@@ -90,9 +91,17 @@ def _remote_part(part: str, dataset_type: str) -> list[str]:
     raise ValueError(f"{part} is no {dataset_type} shard (files end in {exts}) nor a folder holding some")
 
 
-def _index_paths(shard: str) -> list[Path]:
-    digest = hashlib.sha1(os.path.abspath(shard).encode()).hexdigest()[:20]
-    return [Path(shard + INDEX_SUFFIX), cache_root() / "index" / f"{digest}{INDEX_SUFFIX}"]
+def index_folder(cache_dir: Optional[str] = None) -> Path:
+    """Where shard indexes live: ``<cache_dir>/index`` (``--cache-dir``), else ``$LCL_FAST_CACHE/index``."""
+    return (Path(cache_dir) if cache_dir else cache_root()) / "index"
+
+
+def index_path(shard: str, stamp: dict[str, Any], cache_dir: Optional[str] = None) -> Path:
+    """The index file of ``shard`` as it is now: keyed by its absolute path, size and mtime (a
+    changed shard gets a new file), named after the shard for whoever looks in the folder."""
+    key = json.dumps([os.path.abspath(shard), stamp["kind"], stamp["size"], stamp["mtime_ns"]])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:24]
+    return index_folder(cache_dir) / f"{os.path.basename(shard)[:80]}.{digest}{INDEX_SUFFIX}"
 
 
 def _write_atomic(path: Path, payload: dict) -> bool:
@@ -107,24 +116,24 @@ def _write_atomic(path: Path, payload: dict) -> bool:
         return False
 
 
-def load_index(shard: str, kind: str, build: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """The index of ``shard`` (``build(shard)`` when no valid one exists; then saved).
+def load_index(
+    shard: str, kind: str, build: Callable[[str], dict[str, Any]], cache_dir: Optional[str] = None
+) -> dict[str, Any]:
+    """The index of ``shard`` from the cache folder (``build(shard)`` when it holds no valid one;
+    then saved there, if the folder can be written). Nothing is written beside the shard.
 
     Raises ``OSError`` when the shard itself cannot be read.
     """
     st = os.stat(shard)
     stamp = {"kind": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    candidates = _index_paths(shard)
-    for path in candidates:
-        try:
-            with open(path) as f:
-                index = json.load(f)
-        except (OSError, ValueError):
-            continue
+    path = index_path(shard, stamp, cache_dir)
+    try:
+        with open(path) as f:
+            index = json.load(f)
         if isinstance(index, dict) and all(index.get(k) == v for k, v in stamp.items()):
             return index
+    except (OSError, ValueError):
+        pass
     index = {**build(shard), **stamp}
-    for path in candidates:
-        if _write_atomic(path, index):
-            break
+    _write_atomic(path, index)
     return index

@@ -64,7 +64,6 @@ def test_tar_reader_good_and_bad_members(tmp_path):
     path = write_tar(tmp_path / "s.tar", members, truncate_last=50)
 
     shard = TarShard(str(path))
-    assert os.path.exists(str(path) + INDEX_SUFFIX)
     good, bad = _read_all(shard)
     assert [(g["key"], g["caption"]) for g in good] == [
         ("k0", "first caption"),
@@ -77,26 +76,38 @@ def test_tar_reader_good_and_bad_members(tmp_path):
     assert sorted(bad) == ["caption", "incomplete_sample", "tar_member"]
 
 
-def test_tar_index_is_reused_and_rebuilt_when_the_shard_changes(tmp_path):
-    path = write_tar(tmp_path / "s.tar", pair_members("a", "x", 0))
-    assert len(TarShard(str(path))) == 1
-    index = str(path) + INDEX_SUFFIX
-    stamp = os.stat(index).st_mtime_ns
-    assert len(TarShard(str(path))) == 1 and os.stat(index).st_mtime_ns == stamp
-    write_tar(path, pair_members("a", "x", 0) + pair_members("b", "y", 1))
-    assert len(TarShard(str(path))) == 2
+def _listing(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
-def test_tar_index_falls_back_to_the_cache_when_it_cannot_be_written_beside(tmp_path, monkeypatch):
-    path = write_tar(tmp_path / "s.tar", pair_members("a", "x", 0))
-    blocker = tmp_path / ("s.tar" + INDEX_SUFFIX)
-    (blocker / "x").mkdir(parents=True)  # a folder where the index file would go: writing there fails
+def test_tar_index_lives_in_the_cache_and_is_rebuilt_when_the_shard_changes(tmp_path, monkeypatch):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    path = write_tar(shards / "s.tar", pair_members("a", "x", 0))
     monkeypatch.setenv("LCL_FAST_CACHE", str(tmp_path / "cache"))
     assert len(TarShard(str(path))) == 1
-    (cached,) = (tmp_path / "cache" / "index").iterdir()
-    assert json.loads(cached.read_text())["samples"][0][0] == "a"
-    stamp = cached.stat().st_mtime_ns
-    assert len(TarShard(str(path))) == 1 and cached.stat().st_mtime_ns == stamp  # found there next time
+    assert _listing(shards) == ["s.tar"]  # nothing written beside the user's shard
+    (index,) = (tmp_path / "cache" / "index").iterdir()
+    assert index.name.startswith("s.tar.") and index.name.endswith(INDEX_SUFFIX)
+    assert json.loads(index.read_text())["samples"][0][0] == "a"
+    index.write_text(index.read_text().replace('"a"', '"from-the-cache"'))  # reused, not rebuilt:
+    assert TarShard(str(path)).read(0)["key"] == "from-the-cache"
+    write_tar(path, pair_members("a", "x", 0) + pair_members("b", "y", 1))  # the shard changes
+    assert len(TarShard(str(path))) == 2
+    assert len(list((tmp_path / "cache" / "index").iterdir())) == 2  # a new index, keyed by size/mtime
+    assert _listing(shards) == ["s.tar"]
+    # --cache-dir: the indexes go there instead
+    assert shard_size("webdataset", str(path), str(tmp_path / "mine")) == 2
+    assert [p.parent.name for p in (tmp_path / "mine").rglob("*" + INDEX_SUFFIX)] == ["index"]
+
+
+def test_jsonl_count_is_indexed_in_the_cache(tmp_path, monkeypatch):
+    root = write_mmc4(tmp_path / "m", [[doc(["x"], []), doc(["y"], [])]], {})
+    before = _listing(root)
+    monkeypatch.setenv("LCL_FAST_CACHE", str(tmp_path / "cache"))
+    assert shard_size("mmc4", str(root / "data" / "docs_shard_0_v2.jsonl.zip")) == 2
+    assert _listing(root) == before
+    assert len(list((tmp_path / "cache" / "index").glob("docs_shard_0_v2.jsonl.zip.*" + INDEX_SUFFIX))) == 1
 
 
 def test_tar_with_a_damaged_header_keeps_the_other_samples(tmp_path):
