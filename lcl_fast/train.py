@@ -144,6 +144,8 @@ def build_loader(cfg: TrainConfig, env: D.DistEnv, tokenizer, model):
         shard_cache=cfg.cache_dir,
         image_root=cfg.mmc4_images,
         data_audit=cfg.data_audit,
+        # --steps fixes the run's length: shards of unknown size (remote, no sizes.json) need no count
+        run_steps=cfg.steps * cfg.accum_freq if cfg.steps else None,
     )
 
 

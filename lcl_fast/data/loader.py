@@ -404,6 +404,7 @@ def build_train_loader(
     resampled: bool = False,
     shard_cache: Optional[str] = None,
     data_audit: Optional[str] = None,
+    run_steps: Optional[int] = None,
 ) -> TrainLoader:
     """The training loader (see the module docstring).
 
@@ -423,7 +424,9 @@ def build_train_loader(
 
     Remote shards (fsspec URLs, ``pipe:COMMAND``) are checked before anything else (bad
     credentials or an unreachable endpoint raise ``RuntimeError`` naming the URL); their sample
-    count comes from a ``sizes.json`` beside them, else ``num_samples`` must be given.
+    count comes from a ``sizes.json`` beside them, else ``num_samples`` must be given, unless the
+    run's length is fixed: ``steps_per_epoch``, or ``run_steps`` (the loader steps of the whole
+    run, as ``--steps`` fixes them; the run is then one epoch).
     """
     for name, value in (
         ("batch_size", batch_size),
@@ -454,19 +457,22 @@ def build_train_loader(
         remote.check_access(remote_shards[0])
     n_streams = world_size * streams
     sizes, total = count_samples(kind, shards, exact=len(shards) < n_streams, cache_dir=shard_cache)
+    length = steps_per_epoch or run_steps  # a run whose length is fixed needs no sample count
+    uncounted = bool(remote_shards) and sizes is None and num_samples is None
     if num_samples is not None:
         total = num_samples
-    elif remote_shards and sizes is None:
+    elif uncounted and not length:
         raise ValueError(
             f"remote shards ({remote_shards[0]}, ...): give the number of samples "
-            "(--train-num-samples / num_samples) or put a sizes.json beside them"
+            "(--train-num-samples / num_samples), put a sizes.json beside them, "
+            "or fix the run's length (--steps / run_steps)"
         )
     if remote_shards and sizes is None and len(shards) < n_streams and not resampled:
         raise ValueError(
             f"{len(shards)} remote shards for {n_streams} streams: split them into at least "
             f"{n_streams} shards, add a sizes.json beside them, or use resampling"
         )
-    if total < n_streams:
+    if total < n_streams and not uncounted:
         raise ValueError(
             f"{total} samples in {len(shards)} shards cannot feed {n_streams} streams "
             f"(world_size {world_size} x streams_per_rank {streams})"
@@ -494,14 +500,16 @@ def build_train_loader(
         resampled=resampled,
         cache_dir=shard_cache,
     )
-    if steps_per_epoch is None:
+    if steps_per_epoch is None and uncounted:
+        steps_per_epoch = run_steps  # no count: the run is one epoch
+    elif steps_per_epoch is None:
         rows = total * (_packing_ratio(cfg) if pack else 1.0)
         steps_per_epoch = max(1, math.floor(rows / (batch_size * world_size)))
     log.info(
-        "data: %s, %d shards, %d samples, %d steps per epoch, decoder %s%s",
+        "data: %s, %d shards, %s samples, %d steps per epoch, decoder %s%s",
         kind,
         len(shards),
-        total,
+        "uncounted" if uncounted else total,
         steps_per_epoch,
         backend,
         " (packed)" if pack else "",

@@ -75,12 +75,16 @@ class TrainConfig:
     img_first_prob: float = _field(0.5, "probability that an image comes before its text")
     pack: bool = _field(False, "pack several documents into one row (no padding waste)")
     train_num_samples: Optional[int] = _field(
-        None, "samples per epoch (default: counted; remote shards: from a sizes.json beside them)"
+        None,
+        "samples per epoch (default: counted; remote shards: from a sizes.json beside them, "
+        "not needed with --steps)",
     )
     dataset_resampled: bool = _field(False, "draw shards with replacement (open_clip's resampling)")
     shuffle_buffer: int = _field(1000, "samples per data stream in the sample shuffle buffer (0: off)")
     cache_dir: Optional[str] = _field(
-        None, "copy remote shards whole into this folder before reading (default: stream them)"
+        None,
+        "copy remote shards whole into this folder before reading (default: stream them); "
+        "shard indexes are kept here too (default: $LCL_FAST_CACHE, ~/.cache/lcl_fast)",
     )
     mmc4_images: Optional[str] = _field(
         None, "MMC4 image folder or URL prefix (default: <root>/images beside <root>/data)"

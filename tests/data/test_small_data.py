@@ -111,3 +111,41 @@ def test_small_data_resumes_exactly_with_the_default_buffer(small, place, kind, 
     resumed = build_train_loader(kind, data, TOK, **opts)
     resumed.load_state_dict(state)
     _same(part + _take(resumed, 4), reference)
+
+
+def test_remote_shards_need_no_count_when_the_run_length_is_fixed(small):
+    data = _where(small, "s3", "mmc4_13")  # no sizes.json, no num_samples
+    with pytest.raises(ValueError, match="--steps"):
+        build_train_loader("mmc4", data, TOK, **OPTS)
+    loader = build_train_loader("mmc4", data, TOK, **OPTS, run_steps=5)
+    assert len(loader) == 5  # the run is one epoch
+    assert len(list(loader)) == 5
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("place", ["local", "s3"])
+def test_the_trainer_runs_13_documents_with_the_default_flags(small, tmp_path, place, data_cache):
+    """The trainer's defaults (a 1000-sample buffer, batch 32) on a 13-document corpus with a bad
+    line; from S3 without --train-num-samples (--steps fixes the length). Nothing is written
+    beside the shards: their index lives in the cache folder."""
+    import torch
+
+    from lcl_fast.train import main
+
+    before = _listing(small / "mmc4_13")
+    args = ["--dataset-type", "mmc4", "--train-data", _where(small, place, "mmc4_13"), "--steps", "2"]
+    args += ["--logs", str(tmp_path), "--name", "run", "--no-progress", "--report-to", "none", "--val-pairs", "0"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "jsonl_line" in json.dumps(summary)  # the planted fault, counted
+    assert _listing(small / "mmc4_13") == before
+    if place == "local":
+        assert list((data_cache / "index").glob("docs_shard_0_v2.jsonl.zip.*.lclidx"))
