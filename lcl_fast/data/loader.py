@@ -42,8 +42,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import remote
 from .batches import BatchStream, RowMaker
 from .decode import BatchDecoder, normalize_uint8, resolve_backend
+from .errors import DataError
 from .packing import RowPacker, drop_rows, row_of_image, sample_token_counts
-from .readers import TarShard, shard_size
+from .readers import TarShard, shard_problem, shard_size
 from .remote import is_remote
 from .shards import expand_shards
 from .skips import BadSample, SkipCounter, merge_counts
@@ -97,6 +98,13 @@ def count_samples(
     probe_bytes = sum(os.path.getsize(s) for s in probe if os.path.exists(s))
     all_bytes = sum(os.path.getsize(s) for s in shards if os.path.exists(s))
     return None, int(counted * all_bytes / max(1, probe_bytes))
+
+
+def _no_sample(kind: str, shards: list[str], cache_dir: Optional[str]) -> str:
+    """One line saying why counted shards give no sample: the first shard's problem."""
+    problems = [p for p in (shard_problem(kind, s, cache_dir) for s in shards[:8]) if p]
+    first = problems[0] if problems else f"{shards[0]}: holds no {kind} sample"
+    return first if len(shards) == 1 else f"none of the {len(shards)} shards gives a sample; {first}"
 
 
 def _packing_ratio(cfg: StreamConfig) -> float:
@@ -472,6 +480,8 @@ def build_train_loader(
             f"{len(shards)} remote shards for {n_streams} streams: split them into at least "
             f"{n_streams} shards, add a sizes.json beside them, or use resampling"
         )
+    if total == 0 and num_samples is None and not uncounted:
+        raise DataError(_no_sample(kind, shards, shard_cache))
     if total < n_streams and not uncounted:
         raise ValueError(
             f"{total} samples in {len(shards)} shards cannot feed {n_streams} streams "

@@ -56,10 +56,12 @@ def _build_tar_index(path: str) -> dict[str, Any]:
     key = None
     gaps = 0
     expected = 0
+    members = 0
     try:
         # ignore_zeros: skip unreadable header blocks and resynchronise on the next valid header.
         with tarfile.open(path, mode="r:", ignore_zeros=True) as tf:
             for member in tf:
+                members += 1
                 if member.offset != expected:
                     gaps += 1
                 expected = member.offset_data + ((member.size + 511) // 512) * 512
@@ -76,7 +78,7 @@ def _build_tar_index(path: str) -> dict[str, Any]:
                 current[ext] = [member.offset_data, -1 if truncated else member.size]
     except (tarfile.TarError, EOFError):
         gaps += 1  # the end of the archive is unreadable; what was read stays usable
-    return {"version": _TAR_INDEX_VERSION, "samples": samples, "bad_headers": gaps}
+    return {"version": _TAR_INDEX_VERSION, "samples": samples, "bad_headers": gaps, "members": members}
 
 
 def pair_from_members(path: str, key: str, members: Any, get: Callable[[str], bytes]) -> dict[str, Any]:
@@ -111,6 +113,10 @@ class TarShard:
             raise BadSample("shard_unreadable", f"{path}: {e}") from e
         self._samples = index["samples"]
         self.bad_headers = int(index.get("bad_headers", 0))
+        if not self._samples and index.get("members") == 0:  # not one valid header: no tar at all
+            size = index["size"]
+            what = "the file is empty" if size == 0 else f"no valid tar header in its {size} bytes"
+            raise BadSample("shard_unreadable", f"{path}: cannot be read as a tar: {what} (damaged, or not a tar)")
         self.blocks = [(0, len(self._samples))]
         self._file = None
 
@@ -372,18 +378,36 @@ def open_shard(
     raise ValueError(f"dataset_type must be 'webdataset', 'mmc4' or 'obelics', got {dataset_type!r}")
 
 
+def _count(dataset_type: str, path: str, cache_dir: str | None = None) -> int:
+    if dataset_type == "webdataset":
+        return len(TarShard(path, cache_dir))
+    if dataset_type == "mmc4":
+        return count_jsonl(path, cache_dir)
+    return count_parquet(path)
+
+
 def shard_size(dataset_type: str, path: str, cache_dir: str | None = None) -> int:
     """Number of samples in a shard (from its index file in the cache folder, built when
     missing); 0 if unreadable."""
     try:
-        if dataset_type == "webdataset":
-            return len(TarShard(path, cache_dir))
-        if dataset_type == "mmc4":
-            return count_jsonl(path, cache_dir)
-        return count_parquet(path)
+        return _count(dataset_type, path, cache_dir)
     except (BadSample, *_ZIP_ERRORS):
         return 0
     except Exception as e:  # pyarrow's errors
         if type(e).__module__.startswith("pyarrow"):
             return 0
         raise
+
+
+def shard_problem(dataset_type: str, path: str, cache_dir: str | None = None) -> str | None:
+    """Why a shard gives no sample, in one line naming it (None when it has samples)."""
+    try:
+        if _count(dataset_type, path, cache_dir):
+            return None
+        return f"{path}: holds no {dataset_type} sample"
+    except BadSample as e:
+        return e.detail
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except Exception as e:  # zip, json, pyarrow errors: the shard cannot be read
+        return f"{path}: cannot be read as a {dataset_type} shard: {type(e).__name__}: {e}"

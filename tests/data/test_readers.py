@@ -228,3 +228,38 @@ def test_damaged_zip_data_is_a_bad_shard(tmp_path):
         open_shard("mmc4", path)
     assert e.value.kind == "shard_unreadable"
     assert shard_size("mmc4", path) == 0
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 12])
+def test_a_corrupt_tar_is_named_in_one_line(tmp_path, content):
+    from lcl_fast.data import DataError, build_train_loader
+
+    from .fakes import FakeTokenizer
+
+    opts = dict(batch_size=2, context_length=16, num_img_token=2, image_size=8, decoder="pil")
+    bad = tmp_path / "shards" / "bad.tar"
+    bad.parent.mkdir()
+    bad.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        build_train_loader("webdataset", str(bad), FakeTokenizer(), **opts)
+    message = str(e.value)
+    assert message.startswith(f"{bad}: cannot be read as a tar") and "\n" not in message
+    # beside a good shard, it is skipped and counted
+    write_pair_shards(tmp_path / "shards", [3])
+    loader = build_train_loader("webdataset", str(tmp_path / "shards"), FakeTokenizer(), **opts)
+    assert len(list(loader) + list(loader)) == 2  # 4 rows of 3 samples: every shard read
+    assert list(loader.skip_counts) == ["shard_unreadable"]  # counted (once per data epoch)
+
+
+def test_a_corrupt_jsonl_zip_is_named_in_one_line(tmp_path):
+    from lcl_fast.data import DataError, build_train_loader
+
+    from .fakes import FakeTokenizer
+
+    (tmp_path / "data").mkdir()
+    bad = tmp_path / "data" / "docs_shard_0_v2.jsonl.zip"
+    bad.write_bytes(b"PK not really a zip")
+    with pytest.raises(DataError, match=f"^{bad}: .*(zip|read)") as e:
+        build_train_loader("mmc4", str(tmp_path), FakeTokenizer(), batch_size=2, context_length=16,
+                           num_img_token=2, image_size=8, decoder="pil")
+    assert "\n" not in str(e.value)

@@ -1,0 +1,9 @@
+"""The data layer's user error: input that cannot be trained on, said in one line naming the file."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Data a run cannot use (no shard gives a sample, a shard that cannot be read, ...). The
+    message is one line that names the file or flag and what is wrong; a command line prints it
+    as is, without a traceback."""
