@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .decode import prepare_image
+from .errors import NoUsableData
 from .packing import Row, RowPacker, add_targets, collate
 from .sequences import InterleavedSequenceBuilder, PairedSequenceBuilder, select_mmc4_images
 from .skips import BadSample, SkipCounter
@@ -149,9 +150,9 @@ class BatchStream:
             epoch = samples.last_id[0]
             if epoch != self._epoch:
                 if self._whole and self._rows == 0:
-                    raise RuntimeError(
+                    raise NoUsableData(
                         f"stream {samples.sid}: a whole pass over its shards gave no usable sample; "
-                        f"skipped: {samples.skips.snapshot()}"
+                        f"skipped: {samples.skips.snapshot()}; last: {samples.skips.last}"
                     )
                 self._whole = self._epoch is not None
                 self._epoch, self._rows = epoch, 0

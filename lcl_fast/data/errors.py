@@ -7,3 +7,8 @@ class DataError(ValueError):
     """Data a run cannot use (no shard gives a sample, a shard that cannot be read, ...). The
     message is one line that names the file or flag and what is wrong; a command line prints it
     as is, without a traceback."""
+
+
+class NoUsableData(DataError, RuntimeError):
+    """A whole pass over a stream's shards gave no usable sample (raised while reading, instead of
+    looping forever); names the last thing skipped. Also a ``RuntimeError``, as it always was."""

@@ -40,10 +40,12 @@ class SkipCounter:
         self.counts: dict[str, int] = dict(counts or {})
         self.interval_s = interval_s
         self._last_log: dict[str, float] = {}
+        self.last = ""  # the last item skipped, "kind: detail" (not part of a position)
 
     def add(self, kind: str, detail: str = "") -> None:
         n = self.counts.get(kind, 0) + 1
         self.counts[kind] = n
+        self.last = f"{kind}: {detail}".replace("\n", " ")
         now = time.monotonic()
         last = self._last_log.get(kind)
         if last is None or now - last >= self.interval_s:

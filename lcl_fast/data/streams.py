@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import remote
+from .errors import NoUsableData
 from .readers import open_shard
 from .remote import is_remote
 from .sequences import MAX_IMAGES, SIM_THRESHOLD
@@ -177,9 +178,9 @@ class SampleStream:
         sample is an error, not an endless loop)."""
         self._close()
         if self._whole_epoch and self._returned == 0:
-            raise RuntimeError(
+            raise NoUsableData(
                 f"stream {self.sid}: a whole pass over its {shards} shards gave no readable sample; "
-                f"skipped: {self.skips.snapshot()}"
+                f"skipped: {self.skips.snapshot()}; last: {self.skips.last}"
             )
         self.data_epoch, self.shard_pos, self.offset = self.data_epoch + 1, 0, 0
         self._whole_epoch, self._returned = True, 0

@@ -47,6 +47,8 @@ def small(tmp_path_factory):
     for n in DOCS:
         _mmc4(local / f"mmc4_{n}", n)
     _pairs(local / "pairs")
+    (local / "corrupt").mkdir()
+    (local / "corrupt" / "shard-000000.tar").write_bytes(bytes(range(256)) * 12)
     server = S3Server()
     client = server.client()
     client.create_bucket(Bucket="bkt")
@@ -149,3 +151,14 @@ def test_the_trainer_runs_13_documents_with_the_default_flags(small, tmp_path, p
     assert _listing(small / "mmc4_13") == before
     if place == "local":
         assert list((data_cache / "index").glob("docs_shard_0_v2.jsonl.zip.*.lclidx"))
+
+
+@pytest.mark.parametrize("place", ["local", "s3"])
+def test_a_corrupt_tar_is_named(small, place):
+    from lcl_fast.data import DataError
+
+    data = _where(small, place, "corrupt")
+    with pytest.raises(DataError, match=f"{data}/shard-000000.tar") as e:
+        loader = build_train_loader("webdataset", data, TOK, **OPTS, run_steps=2)  # streamed: found reading
+        _take(loader, 1)
+    assert "\n" not in str(e.value)
