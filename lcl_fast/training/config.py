@@ -302,7 +302,7 @@ def _apex_fused_adam_available() -> bool:
 
 
 def _check_model(cfg: TrainConfig) -> None:
-    from ..factory import get_model_config  # torch-free enough, but keep `--help` fast
+    from ..model_configs import get_model_config  # no torch: `--help` stays fast
 
     try:
         model_cfg = get_model_config(cfg.model)
