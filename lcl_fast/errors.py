@@ -54,12 +54,29 @@ def one_line(err: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+# What gloo says on a rank whose peer exited (a failed rank ends the others' collectives this way).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_failed(err: BaseException) -> bool:
+    """Whether ``err`` is a collective broken because another rank of a torchrun job exited."""
+    return isinstance(err, RuntimeError) and "RANK" in os.environ and any(p in str(err) for p in _PEER_GONE)
+
+
 def report(err: BaseException, prog: str, argv: Optional[Sequence[str]] = None) -> int:
     """For a user error: print ``<prog>: error: <message>`` to stderr (flushed, as the last output) and
-    return the exit status 2. Re-raise anything else, and user errors too under ``--debug``."""
-    if not is_user_error(err) or debug_requested(argv):
+    return the exit status 2. Re-raise anything else, and user errors too under ``--debug``.
+
+    Under torchrun a rank whose collective broke because another rank failed says so in one line (exit
+    status 1) instead of a traceback: the cause is the other rank's error line, above.
+    """
+    if debug_requested(argv) or not (is_user_error(err) or peer_failed(err)):
         raise err
     sys.stdout.flush()
+    if peer_failed(err):
+        print(f"{prog}: rank {os.environ['RANK']} stopped: another rank failed (see its error)", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return 1
     print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
     return 2
 

@@ -2,7 +2,7 @@
 
 The command lines run in subprocesses (what a user sees on stderr), each failing before any training.
 Under torchrun the same line is each failing rank's last output before torchrun's summary; a two-rank
-run takes ~25 s on a 2-core machine, so that was checked by hand (see lcl_fast/errors.py), not here.
+run takes ~25 s on a 2-core machine, so that was checked by hand (2026-12-08), not here.
 """
 
 from __future__ import annotations
@@ -138,3 +138,16 @@ def test_eval_model_config_error_names_the_file(tmp_path):
     bad.write_text("{not json")
     code, err, _ = _cli("lcl_fast.eval", "retrieval", "--model", bad, cwd=tmp_path)
     assert code == 2 and len(err) == 1 and f"model config {bad} is not valid JSON" in err[0], err
+
+
+def test_a_rank_whose_peer_failed_says_so_in_one_line(monkeypatch, capsys):
+    from lcl_fast.errors import report
+
+    broken = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:30862. This is ...")
+    with pytest.raises(RuntimeError):  # outside torchrun it is not explained away
+        report(broken, "prog", [])
+    monkeypatch.setenv("RANK", "0")
+    assert report(broken, "prog", []) == 1
+    assert capsys.readouterr().err == "prog: rank 0 stopped: another rank failed (see its error)\n"
+    with pytest.raises(RuntimeError):
+        report(RuntimeError("CUDA error: an illegal memory access"), "prog", [])
