@@ -103,7 +103,7 @@ class _NotAllowed:
     pass
 
 
-def test_only_a_weights_only_refusal_keeps_the_advice(tmp_path):
+def test_only_a_weights_only_refusal_keeps_the_advice(tmp_path, capsys):
     path = tmp_path / "objects.pt"
     torch.save({"state_dict": {}, "extra": _NotAllowed()}, path)
     with pytest.raises(CheckpointError) as exc:
@@ -111,6 +111,13 @@ def test_only_a_weights_only_refusal_keeps_the_advice(tmp_path):
     message = str(exc.value)
     assert "weights_only loading refuses" in message and "_NotAllowed" in message
     assert message.endswith("if you trust this file, pass weights_only=False") and "\n" not in message
+    from lcl_fast.export.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:  # the export command line names its own switch
+        main(["--model", "LCL_tiny", "--pretrained", path, "--format", "open_clip", "--output", tmp_path / "x"])
+    assert exc.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(
+        "if you trust this file, pass --trust-checkpoint"
+    )
 
 
 # ------------------------------------------------------------------------------------- the mechanism

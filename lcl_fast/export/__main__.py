@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import ArgumentParser, CheckpointMismatchError, UserError, add_debug_flag, report
+from ..errors import ArgumentParser, CheckpointError, CheckpointMismatchError, UserError, add_debug_flag, report
 from . import FORMATS, export
 from ._common import EXTRA_HINT, check_output
 
@@ -89,6 +89,9 @@ def _export(args) -> Path:
         load_checkpoint(model, args.pretrained, weights_only=not args.trust_checkpoint)
     except CheckpointMismatchError as err:  # a readable checkpoint of another model (a corrupt file says so itself)
         raise UserError(f"--pretrained {args.pretrained} does not match --model {args.model}: {err}") from err
+    except CheckpointError as err:  # torch refused objects in it: this command's switch for that
+        text = str(err).replace("pass weights_only=False", "pass --trust-checkpoint")
+        raise CheckpointError(text) from err
     try:
         return export(
             model, args.format, args.output, name=_model_name(args.model), model_config=config,
