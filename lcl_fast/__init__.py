@@ -24,7 +24,7 @@ _EXPORTS = {
     "contrastive_loss": "lcl_fast.ops.contrastive",
     "interleaved_attention": "lcl_fast.ops.attention",
     "linear_cross_entropy": "lcl_fast.ops.linear_cross_entropy",
-    "caption": "lcl_fast.generation",
+    "caption": "lcl_fast.eval.caption",
     "generate": "lcl_fast.generation",
 }
 

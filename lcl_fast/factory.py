@@ -1,79 +1,26 @@
-"""``create_model``: the published configurations and the reference's checkpoint format."""
+"""``create_model``: the published configurations and the reference's checkpoint format.
+
+The configurations themselves (``list_models``, ``add_model_config``, ``get_model_config``) live in
+:mod:`lcl_fast.model_configs`, below the model and the data layer; they are re-exported here."""
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-from importlib import resources
+import pickle
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
+from .errors import CheckpointError, CheckpointMismatchError, UserError
 from .model import LCL
+from .model_configs import add_model_config, get_model_config, list_models
+
+__all__ = ["add_model_config", "create_model", "get_model_config", "list_models", "load_checkpoint",
+           "read_checkpoint"]
 
 _MODEL_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "pool_project_cfg", "special_token_ids",
                "quick_gelu", "init_logit_scale", "init_logit_bias", "cast_dtype")
-
-
-# Configurations added at run time (``add_model_config``), by name; they shadow shipped ones.
-_REGISTERED: dict[str, dict] = {}
-
-
-def _shipped_models() -> list[str]:
-    files = resources.files("lcl_fast.model_configs").iterdir()
-    return sorted(f.name[:-5] for f in files if f.name.endswith(".json"))
-
-
-def list_models() -> list[str]:
-    """Names of the shipped configurations and of those added with :func:`add_model_config`."""
-    return sorted(set(_shipped_models()) | set(_REGISTERED))
-
-
-def add_model_config(path_or_config: Union[str, os.PathLike, dict], name: Optional[str] = None) -> list[str]:
-    """Register configurations, as open_clip's ``add_model_config`` does: a JSON file (named after its
-    stem), a folder of JSON files, or a config dict (``name`` required). Returns the names added."""
-    if isinstance(path_or_config, dict):
-        if not name:
-            raise ValueError("add_model_config(dict) needs a name")
-        _REGISTERED[name] = copy.deepcopy(path_or_config)
-        return [name]
-    path = Path(path_or_config)
-    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-    if not path.exists() or not files:
-        raise ValueError(f"add_model_config: {path} is neither a JSON file nor a folder holding JSON files")
-    added = []
-    for file in files:
-        try:
-            cfg = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"add_model_config: could not read {file}: {err}") from err
-        if not isinstance(cfg, dict) or not {"vision_cfg", "text_cfg"} <= set(cfg):
-            raise ValueError(f"add_model_config: {file} is not a model config (needs vision_cfg and text_cfg)")
-        key = name if (name and len(files) == 1) else file.stem
-        _REGISTERED[key] = cfg
-        added.append(key)
-    return added
-
-
-def get_model_config(name_or_path: Union[str, os.PathLike, dict]) -> dict:
-    """A registered or shipped configuration by name, a JSON file by path, or a config dict (a deep copy
-    you may edit)."""
-    if isinstance(name_or_path, dict):
-        return copy.deepcopy(name_or_path)
-    name_or_path = str(name_or_path)
-    if name_or_path in _REGISTERED:
-        return copy.deepcopy(_REGISTERED[name_or_path])
-    if name_or_path in _shipped_models():
-        text = resources.files("lcl_fast.model_configs").joinpath(f"{name_or_path}.json").read_text()
-        return json.loads(text)
-    if os.path.isfile(name_or_path):
-        try:
-            return json.loads(Path(name_or_path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"model config {name_or_path} is not valid JSON: {err}") from err
-    raise ValueError(f"unknown model {name_or_path!r}: not a file, and not one of {list_models()}")
 
 
 def _strip(state_dict: dict) -> dict:
@@ -105,21 +52,63 @@ def _numpy_safe_globals() -> list:
     ]
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+_PICKLE_MAGIC = b"\x80"  # the legacy format (and plain pickles) start with a pickle PROTO opcode
+
+
+def read_checkpoint(path: Union[str, os.PathLike], *, weights_only: bool = True) -> Any:
+    """``torch.load(path)`` on the CPU with the numpy scalars open_clip checkpoints hold allowed.
+
+    Raises :class:`~lcl_fast.errors.CheckpointError` with one line saying what is wrong: no such file, a
+    folder, an empty or truncated file, a file that is not a PyTorch checkpoint at all, or (only then
+    with the advice to pass ``weights_only=False``) objects that ``weights_only`` loading refuses.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path}: cannot read it ({err.strerror or err})") from err
+    if not head:
+        raise CheckpointError(f"{path} is empty, not a PyTorch checkpoint")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
+            f"it starts with {head!r})"
+        )
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if weights_only and text.startswith("Weights only load failed"):
+            lines = [ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln or "Unsupported" in ln]
+            why = lines[-1].split(". Please use")[0] if lines else "it holds objects besides tensors"
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that weights_only loading refuses ({why}); "
+                "if you trust this file, pass weights_only=False"
+            ) from err
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (unpickling failed: {text})") from err
+    except Exception as err:  # a truncated zip, a corrupt pickle: torch's errors vary by damage
+        what = "a truncated or corrupt zip archive" if head.startswith(_ZIP_MAGIC) else "a corrupt pickle"
+        detail = " ".join(str(err).split(". ")[0].split()) or type(err).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({what}: {detail})") from err
+
+
 def load_checkpoint(model: LCL, path: Union[str, os.PathLike], *, weights_only: bool = True) -> LCL:
     """Load a reference (open_clip training) checkpoint, a lcl-fast checkpoint or a bare state dict.
 
     ``weights_only=True`` (the default) unpickles tensors, containers and, besides, the numpy scalars and
     dtypes that open_clip's trainer writes into the optimizer state; any other object is refused.
 
-    Raises a ``ValueError`` naming the missing and unexpected keys when the file does not fit the model.
+    Raises :class:`~lcl_fast.errors.CheckpointError` (a ``ValueError``) when the file is not a checkpoint
+    (:func:`read_checkpoint`), and naming the missing and unexpected keys when it does not fit the model.
     """
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # an unpickling error names the offending global; keep it
-        raise ValueError(
-            f"could not load checkpoint {path}: {err}\n(if you trust this file, pass weights_only=False)"
-        ) from err
+    ckpt = read_checkpoint(path, weights_only=weights_only)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         state_dict = ckpt["state_dict"]
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
@@ -127,20 +116,20 @@ def load_checkpoint(model: LCL, path: Union[str, os.PathLike], *, weights_only: 
     elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state_dict = ckpt
     else:
-        raise ValueError(f"{path}: no 'state_dict' (or 'model') entry and not a bare state dict")
+        raise CheckpointError(f"{path}: no 'state_dict' (or 'model') entry and not a bare state dict")
     state_dict = _strip(state_dict)
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {path} does not fit this model: {len(missing)} missing keys {missing[:10]}"
             f"{' …' if len(missing) > 10 else ''}, {len(unexpected)} unexpected keys {unexpected[:10]}"
             f"{' …' if len(unexpected) > 10 else ''}"
         )
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"checkpoint {path}: shape mismatch (key, checkpoint, model): {wrong[:10]}")
+        raise CheckpointMismatchError(f"checkpoint {path}: shape mismatch (key, checkpoint, model): {wrong[:10]}")
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -161,7 +150,7 @@ def create_model(
     cfg.pop("custom_text", None)
     unknown = sorted(set(cfg) - set(_MODEL_KEYS))
     if unknown:
-        raise ValueError(f"model config has unknown keys {unknown}; expected a subset of {list(_MODEL_KEYS)}")
+        raise UserError(f"model config has unknown keys {unknown}; expected a subset of {list(_MODEL_KEYS)}")
     cfg.update(model_kwargs)
     model = LCL(**cfg)
     if pretrained is not None:

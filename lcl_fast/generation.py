@@ -24,7 +24,7 @@ finished (so ``num_beams=1`` is greedy decoding).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -352,29 +352,6 @@ def generate(
     return out.to(images.device)
 
 
-def _as_image_batch(model, images: Any) -> torch.Tensor:
-    """A normalised ``[N, 3, S, S]`` tensor from a tensor, PIL images, encoded bytes or file paths."""
-    if isinstance(images, torch.Tensor):
-        return images
-    from io import BytesIO
-    from pathlib import Path
-
-    from .data import decode_batch
-
-    encoded = []
-    for item in images:
-        if isinstance(item, (bytes, bytearray)):
-            encoded.append(bytes(item))
-        elif isinstance(item, (str, Path)):
-            encoded.append(Path(item).read_bytes())
-        else:  # a PIL image
-            buf = BytesIO()
-            item.convert("RGB").save(buf, format="PNG")
-            encoded.append(buf.getvalue())
-    device = next(model.parameters()).device
-    return decode_batch(encoded, model.vision_cfg.image_size, train=False, backend="pil", device=device)
-
-
 def caption(
     model,
     tokenizer,
@@ -385,13 +362,23 @@ def caption(
     num_beams: int = 1,
     batch_size: int = 64,
     use_cache: bool = True,
+    decode: Optional[Callable[[Any], torch.Tensor]] = None,
 ) -> list[str]:
-    """Captions of ``images`` (a normalised ``[N, 3, S, S]`` tensor, PIL images, bytes or paths).
+    """Captions of ``images``: a normalised ``[N, 3, S, S]`` tensor, or anything ``decode(images)`` turns
+    into one (:func:`lcl_fast.caption` passes the data layer's decoder: PIL images, bytes or paths).
 
     ``prompt`` (one string for all, or one per image) is written after the image and continued;
     the returned strings are the continuations, without ``<end_of_text>``.
     """
-    batch = _as_image_batch(model, images)
+    if isinstance(images, torch.Tensor):
+        batch = images
+    elif decode is not None:
+        batch = decode(images)
+    else:
+        raise TypeError(
+            f"images must be a normalised [N, 3, S, S] tensor, got {type(images).__name__}; pass decode= "
+            "(lcl_fast.caption decodes PIL images, bytes and paths)"
+        )
     n = batch.shape[0]
     prompts = [prompt] * n if prompt is None or isinstance(prompt, str) else list(prompt)
     if len(prompts) != n:

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .errors import report
 from .training import distributed as D
 from .training.checkpoint import latest_checkpoint
 from .training.config import ConfigError, TrainConfig, parse_config
@@ -209,8 +210,20 @@ def build_trainer(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> tuple[Trai
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse → build → (resume) → evaluate → train → evaluate → summarize. Returns the exit status."""
-    cfg = parse_config(argv)
+    """Parse → build → (resume) → evaluate → train → evaluate → summarize. Returns the exit status.
+
+    Bad input (a flag, a file, a shard) ends in one line ``lcl_fast.train: error: ...`` on stderr, the
+    last thing this process prints, and status 2; ``--debug`` shows the traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(parse_config(argv))
+    except Exception as err:  # a user error is reported in one line (after the cleanup); a bug is re-raised
+        return report(err, "lcl_fast.train", argv)
+
+
+def run(cfg: TrainConfig) -> int:
+    """One run of a parsed config (see :func:`main`)."""
     t_start = time.perf_counter()
     env = D.setup(cfg.device)
     try:
@@ -238,9 +251,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print_summary(summary, run_dir)
         D.cleanup(drain=True)  # every rank got here: let in-flight collectives settle before teardown
         return 0
-    except ConfigError as err:
-        print(f"lcl_fast.train: error: {err}", file=sys.stderr)
-        return 2
     except TrainingHalted as err:
         log.error("%s", err)
         return 1

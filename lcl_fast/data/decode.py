@@ -401,3 +401,24 @@ def decode_batch(
     if failed:
         raise ValueError(f"image {failed[0]} could not be decoded ({len(failed)} of {len(images)} failed)")
     return out
+
+
+def eval_images(
+    images: Union[torch.Tensor, Sequence], image_size: int, device: Union[str, torch.device] = "cpu"
+) -> torch.Tensor:
+    """A normalised ``float32 [N, 3, S, S]`` batch (the eval transform) from PIL images, encoded bytes or
+    file paths; a tensor is returned as it is. What :func:`lcl_fast.caption` decodes its images with."""
+    if isinstance(images, torch.Tensor):
+        return images
+    encoded = []
+    for item in images:
+        if isinstance(item, (bytes, bytearray)):
+            encoded.append(bytes(item))
+        elif isinstance(item, (str, os.PathLike)):
+            with open(item, "rb") as f:
+                encoded.append(f.read())
+        else:  # a PIL image
+            buf = io.BytesIO()
+            item.convert("RGB").save(buf, format="PNG")
+            encoded.append(buf.getvalue())
+    return decode_batch(encoded, image_size, train=False, backend="pil", device=device)

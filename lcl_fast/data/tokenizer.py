@@ -268,6 +268,24 @@ class Tokenizer:
         return ids
 
 
+def tokenizer_from_config(config: Mapping | None = None, *, context_length: int | None = None) -> Tokenizer:
+    """The tokenizer of a model configuration (a dict as :func:`lcl_fast.get_model_config` returns).
+
+    Its ``text_cfg.context_length`` becomes the default length (None: 77; ``context_length`` overrides
+    both), and its ``special_token_ids``, when given, must be those of the vocabulary.
+    """
+    default = DEFAULT_CONTEXT_LENGTH
+    if config is not None:
+        default = config.get("text_cfg", {}).get("context_length", DEFAULT_CONTEXT_LENGTH)
+        ids = dict(config.get("special_token_ids") or {})
+        wrong = {t: i for t, i in ids.items() if SPECIAL_TOKEN_IDS.get(t) != i}
+        if wrong:
+            raise ValueError(
+                f"the model config's special_token_ids {wrong} differ from the vocabulary's {SPECIAL_TOKEN_IDS}"
+            )
+    return Tokenizer(default if context_length is None else context_length)
+
+
 def get_tokenizer(
     name: str | dict | None = None, *, context_length: int | None = None, **_open_clip_kwargs
 ) -> Tokenizer:
@@ -275,19 +293,16 @@ def get_tokenizer(
 
     ``name``: a shipped or registered configuration (``lcl_fast.list_models()``, including those added
     with ``lcl_fast.add_model_config``), a JSON config path, or a config dict; its
-    ``text_cfg.context_length`` becomes the default length. None: 77. ``context_length`` overrides both.
-    Keyword arguments open_clip passes from ``text_cfg.tokenizer_kwargs`` (``additional_special_tokens``)
-    are accepted: LCL's image tokens are always part of the vocabulary.
+    ``text_cfg.context_length`` becomes the default length (:func:`tokenizer_from_config`). None: 77.
+    ``context_length`` overrides both. Keyword arguments open_clip passes from ``text_cfg.tokenizer_kwargs``
+    (``additional_special_tokens``) are accepted: LCL's image tokens are always part of the vocabulary.
     """
-    default = DEFAULT_CONTEXT_LENGTH
+    config = None
     if name is not None:
-        from ..factory import get_model_config  # lazy: the data layer needs no model code otherwise
+        from ..model_configs import get_model_config  # the configuration registry: the bottom layer
 
         config = get_model_config(name)  # an unknown name is an error, even with an explicit length
-        default = config.get("text_cfg", {}).get("context_length", DEFAULT_CONTEXT_LENGTH)
-    if context_length is None:
-        context_length = default
-    return Tokenizer(context_length)
+    return tokenizer_from_config(config, context_length=context_length)
 
 
 def text_features_ids(

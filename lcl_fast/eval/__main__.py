@@ -1,6 +1,8 @@
 """``python -m lcl_fast.eval {probe,retrieval,caption,zeroshot} [options]``.
 
-Each subcommand prints a short table, writes ``--output FILE.json`` when asked, takes ``--model``
+Each subcommand prints a short table and writes its results as JSON to ``--output FILE.json``, or,
+without it, when ``--pretrained`` is a checkpoint of a training run (``<run>/checkpoints/step_N.pt``), to
+``<run>/eval/<command>_step_N.json``; otherwise it writes nothing (never into the current folder). It takes ``--model``
 (a name or a JSON config) and ``--pretrained`` (a checkpoint; without it, the fixed-seed
 initialisation), and runs on CUDA with bf16 autocast when available.
 
@@ -23,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .common import EvalInputError, add_model_args, load_model, print_table, write_output
+from ..errors import ArgumentParser, add_debug_flag, report
+from .common import EvalInputError, add_model_args, load_model, print_table, run_folder_output, write_output
 
 COMMANDS = ("probe", "retrieval", "caption", "zeroshot")
 
@@ -150,10 +153,11 @@ def run_caption(args) -> dict:
         )
         results = [{"image_id": i, "caption": c} for i, c in enumerate(out.pop("captions"))]
     results_file = args.results_file or (
-        str(Path(args.output).with_suffix("")) + "_captions.json" if args.output else "captions_results.json"
+        str(Path(args.output).with_suffix("")) + "_captions.json" if args.output else None
     )
-    Path(results_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(results_file).write_text(json.dumps(results, indent=1) + "\n")
+    if results_file is not None:
+        Path(results_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_file).write_text(json.dumps(results, indent=1) + "\n")
     out["results_file"] = results_file
     out["beam_size"] = args.beam_size
     print_table(f"captioning ({'beam ' + str(args.beam_size) if args.beam_size > 1 else 'greedy'})", [
@@ -162,7 +166,10 @@ def run_caption(args) -> dict:
     ])  # fmt: skip
     for r in results[:3]:
         print(f"  {r['image_id']}: {r['caption']}")
-    print(f"captions written to {results_file}")
+    if results_file is not None:
+        print(f"captions written to {results_file}")
+    else:
+        print("captions not written (give --output or --results-file to keep them)")
     return out
 
 
@@ -185,7 +192,7 @@ def run_zeroshot(args) -> dict:
 
 # ---------------------------------------------------------------------- parsers
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcl_fast.eval", description="Evaluate an LCL model.")
+    p = ArgumentParser(prog="python -m lcl_fast.eval", description="Evaluate an LCL model.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{probe,retrieval,caption,zeroshot}")
 
     probe = sub.add_parser("probe", help="classification from the frozen encoder")
@@ -209,7 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--beam-size", type=int, default=1, help="1: greedy")
     cap.add_argument("--max-new-tokens", type=int, default=20)
     cap.add_argument("--max-images", type=int, default=None)
-    cap.add_argument("--results-file", default=None, help="COCO results JSON (default: beside --output)")
+    cap.add_argument("--results-file", default=None,
+                     help="COCO results JSON (default: beside --output as <output>_captions.json)")
 
     zs = sub.add_parser("zeroshot", help="zero-shot classification on an ImageNet-style folder")
     zs.add_argument("--imagenet-val", required=True, help="ImageNet-style folder")
@@ -222,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _legacy_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m lcl_fast.eval",
         description="Held-out retrieval and zero-shot classification (subcommands: " + ", ".join(COMMANDS) + ").",
     )
@@ -236,6 +244,7 @@ def _legacy_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "amp_bf16", "amp"))
+    add_debug_flag(p)
     return p
 
 
@@ -264,20 +273,24 @@ def _legacy(argv: Sequence[str]) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run one subcommand (or the original command line); returns the results dict.
 
-    Bad input exits with status 2 and a message naming the file.
+    Bad input exits with status 2 and one line ``lcl_fast.eval: error: ...`` naming the file
+    (``--debug``: the traceback instead).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
             return _legacy(argv)
         args = _parser().parse_args(argv)
+        if args.output is None:
+            args.output = run_folder_output(args.pretrained, args.command)
         runner = {"probe": run_probe, "retrieval": run_retrieval, "caption": run_caption, "zeroshot": run_zeroshot}
         out = runner[args.command](args)
-    except EvalInputError as err:
-        print(f"lcl_fast.eval: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    out = {"command": args.command, "model": args.model, "pretrained": args.pretrained, **out}
-    write_output(args.output, out)
+        out = {"command": args.command, "model": args.model, "pretrained": args.pretrained, **out}
+        write_output(args.output, out)
+    except Exception as err:  # a user error becomes one line; a bug keeps its traceback
+        raise SystemExit(report(err, "lcl_fast.eval", argv)) from None
+    if args.output:
+        print(f"results written to {args.output}")
     return out
 
 

@@ -15,7 +15,7 @@ import os
 import re
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -94,6 +94,18 @@ def load_coco_captions(
     if not ids:
         raise EvalInputError(f"{annotations}: no image has a caption")
     return ids, files, refs
+
+
+def caption(model, tokenizer, images: Any, **kwargs) -> list[str]:
+    """:func:`lcl_fast.caption`: :func:`lcl_fast.generation.caption` of a normalised ``[N, 3, S, S]`` tensor,
+    or of PIL images, encoded bytes or file paths (decoded with the eval transform of :mod:`lcl_fast.data`)."""
+    from ..data.decode import eval_images
+    from ..generation import caption as generate_caption
+
+    def decode(items) -> torch.Tensor:
+        return eval_images(items, model.vision_cfg.image_size, device=device_of(model))
+
+    return generate_caption(model, tokenizer, images, decode=decode, **kwargs)
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError, add_debug_flag
+
 log = logging.getLogger("lcl_fast.eval")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".JPEG")
@@ -29,7 +31,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 Autocast = Callable[[], AbstractContextManager]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError):
     """Unusable evaluation input (a missing folder, an empty class, malformed JSON); names the file."""
 
 
@@ -237,7 +239,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision", default="auto", choices=("auto", "fp32", "amp_bf16", "amp"), help="auto: amp_bf16 on CUDA"
     )
-    p.add_argument("--output", default=None, help="write the results as JSON to this file")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="write the results as JSON to this file (default: <run>/eval/<command>_<step>.json when "
+        "--pretrained is a checkpoint in a run's checkpoints/ folder; else nothing is written)",
+    )
+    add_debug_flag(p)
+
+
+def run_folder_output(pretrained: Optional[str], command: str) -> Optional[str]:
+    """Where results go without ``--output``: ``<run>/eval/<command>_<checkpoint stem>.json`` when the
+    checkpoint lies in a training run's ``checkpoints/`` folder, else None (nothing is written)."""
+    if not pretrained:
+        return None
+    ckpt = Path(pretrained).resolve()
+    if ckpt.parent.name != "checkpoints":
+        return None
+    return str(ckpt.parent.parent / "eval" / f"{command}_{ckpt.stem}.json")
 
 
 def load_model(args: argparse.Namespace):

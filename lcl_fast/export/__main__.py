@@ -10,13 +10,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from ..errors import ArgumentParser, CheckpointError, CheckpointMismatchError, UserError, add_debug_flag, report
 from . import FORMATS, export
 from ._common import EXTRA_HINT, check_output
 
@@ -32,7 +32,7 @@ hf and timm folders also hold pooler.safetensors (LCL's attentive pooler; see lc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m lcl_fast.export",
         description="Export a pre-trained LCL vision encoder (exactly: same arithmetic, other names).",
         epilog=_FORMAT_HELP,
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a login; not covered by the offline test suite)",
     )
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    add_debug_flag(p)
     return p
 
 
@@ -77,27 +78,39 @@ def push_to_hub(folder: Path, repo: str, private: bool) -> str:
     return str(url)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from lcl_fast.factory import create_model, get_model_config
+def _export(args) -> Path:
+    from lcl_fast.factory import create_model, get_model_config, load_checkpoint
 
+    check_output(args.output, args.overwrite)  # fail before the (slow) checkpoint load
+    config = get_model_config(args.model)
+    print(f"loading {args.pretrained} into {args.model} ...", file=sys.stderr)
+    model = create_model(config)
     try:
-        check_output(args.output, args.overwrite)  # fail before the (slow) checkpoint load
-        config = get_model_config(args.model)
-        if not os.path.isfile(args.pretrained):
-            raise FileNotFoundError(f"--pretrained {args.pretrained}: no such file")
-        print(f"loading {args.pretrained} into {args.model} ...", file=sys.stderr)
-        try:
-            model = create_model(config, pretrained=args.pretrained, weights_only=not args.trust_checkpoint)
-        except ValueError as err:
-            raise ValueError(f"--pretrained {args.pretrained} does not match --model {args.model}: {err}") from err
-        out = export(
+        load_checkpoint(model, args.pretrained, weights_only=not args.trust_checkpoint)
+    except CheckpointMismatchError as err:  # a readable checkpoint of another model (a corrupt file says so itself)
+        raise UserError(f"--pretrained {args.pretrained} does not match --model {args.model}: {err}") from err
+    except CheckpointError as err:  # torch refused objects in it: this command's switch for that
+        text = str(err).replace("pass weights_only=False", "pass --trust-checkpoint")
+        raise CheckpointError(text) from err
+    try:
+        return export(
             model, args.format, args.output, name=_model_name(args.model), model_config=config,
             dtype=_DTYPES[args.dtype], overwrite=args.overwrite,
         )
-    except (ValueError, TypeError, OSError, ImportError) as err:
-        parser.error(str(err))  # exits with status 2 and the usage line
+    except (ValueError, TypeError) as err:  # the model cannot be written in this format
+        raise UserError(f"--format {args.format}: {err}") from err
+    except ImportError as err:  # an optional package the format needs (the message says which)
+        raise UserError(str(err)) from err
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Export; bad input exits with status 2 and one line ``lcl_fast.export: error: ...`` (``--debug``: traceback)."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args = build_parser().parse_args(argv)
+    try:
+        out = _export(args)
+    except Exception as err:  # a user error becomes one line; a bug keeps its traceback
+        raise SystemExit(report(err, "lcl_fast.export", argv)) from None
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {args.format} export to {out}: {files}")
     if args.push_to_hub:

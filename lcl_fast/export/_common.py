@@ -159,11 +159,28 @@ def check_output(output: Union[str, os.PathLike], overwrite: bool) -> Path:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir``/``open`` would under the umask
+    (0755 / 0644 under umask 022): ``mkdtemp`` makes 0700 folders and some writers 0600 files."""
+    mask = _umask()
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def write_folder(output: Union[str, os.PathLike], fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Let ``fill(tmp)`` write the export into a temporary folder beside ``output``, then rename it into place.
 
     Nothing half-written is left: on any error the temporary folder is removed, and ``output`` (if it
-    existed) is untouched. With ``overwrite`` an existing ``output`` is replaced only once the new one is complete.
+    existed) is untouched. The folder and its files get ordinary permissions (the umask's, as ``mkdir``
+    gives). With ``overwrite`` an existing ``output`` is replaced only once the new one is complete.
     """
     out = check_output(output, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +188,7 @@ def write_folder(output: Union[str, os.PathLike], fill: Callable[[Path], None], 
     old: Optional[Path] = None
     try:
         fill(tmp)
+        ordinary_permissions(tmp)
         if out.is_dir() and any(out.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "previous")

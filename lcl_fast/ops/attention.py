@@ -27,8 +27,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lcl_fast._impl import resolve_impl
+from lcl_fast.ops.library import autograd_inside_op
 
 __all__ = ["interleaved_attention", "dense_attention_mask"]
 
@@ -370,12 +372,8 @@ def interleaved_attention(
     if impl == "torch":
         if compiling and (doc_ids is not None or (image_ids is not None and causal)):
             # per-document loops read the ids on the host: one opaque custom op in a compiled graph
-            from lcl_fast.ops.library import attention_torch_op
-
             return attention_torch_op(q, k, v, doc_ids, image_ids, causal, scale)
         return _torch_attention(q, k, v, doc_ids, image_ids, causal, scale)
-    from lcl_fast.ops.library import attention_triton_op
-
     if compiling:  # traced once per graph: no cache (it keys on tensor identity)
         from lcl_fast.kernels.attention_launch import prepare_metadata
 
@@ -383,3 +381,130 @@ def interleaved_attention(
     else:
         meta = _metadata(doc_ids, image_ids, causal, q.shape[2])
     return attention_triton_op(q, k, v, meta, scale, blocks)
+
+# ============================================================================ custom ops
+# Registered at import (namespace lcl_fast; see lcl_fast.ops.library): torch.compile keeps each one whole.
+
+def _blocks(blocks: Optional[list[int]]) -> Optional[tuple[int, int]]:
+    return None if blocks is None else (int(blocks[0]), int(blocks[1]))
+
+
+@torch.library.custom_op("lcl_fast::attention_triton_fwd", mutates_args=())
+def attention_triton_fwd(
+    q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], causal: bool, has_doc: bool, has_img: bool,
+    scale: float, blocks: Optional[list[int]],
+) -> tuple[Tensor, Tensor]:
+    """(out ``[B, H, L, D]`` stored ``[B, L, H, D]``, base-2 lse ``[B, H, L]`` float32)."""
+    from lcl_fast.kernels.attention_launch import MaskMetadata, attention_forward
+
+    meta = MaskMetadata(table, causal, has_doc, has_img)
+    return attention_forward(q, k, v, meta, scale, blocks=_blocks(blocks))
+
+
+@attention_triton_fwd.register_fake
+def _(q, k, v, table, causal, has_doc, has_img, scale, blocks):
+    batch, heads, length, head_dim = q.shape
+    out = q.new_empty(batch, length, heads, head_dim).transpose(1, 2)
+    return out, q.new_empty(batch, heads, length, dtype=torch.float32)
+
+
+@torch.library.custom_op("lcl_fast::attention_triton_bwd", mutates_args=())
+def attention_triton_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, table: Optional[Tensor],
+    causal: bool, has_doc: bool, has_img: bool, scale: float, blocks: Optional[list[int]],
+) -> tuple[Tensor, Tensor, Tensor]:
+    from lcl_fast.kernels.attention_launch import MaskMetadata, attention_backward
+
+    meta = MaskMetadata(table, causal, has_doc, has_img)
+    return attention_backward(grad_out, q, k, v, out, lse, meta, scale, blocks=_blocks(blocks))
+
+
+@attention_triton_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, table, causal, has_doc, has_img, scale, blocks):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attn_triton_setup(ctx, inputs, output) -> None:
+    q, k, v, table, *rest = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], table)
+    ctx.args = tuple(rest)
+
+
+def _attn_triton_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, table = ctx.saved_tensors
+    dq, dk, dv = attention_triton_bwd(grad_out, q, k, v, out, lse, table, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention_triton_fwd.register_autograd(_attn_triton_backward, setup_context=_attn_triton_setup)
+
+
+def attention_triton_op(q: Tensor, k: Tensor, v: Tensor, meta, scale: float,
+                        blocks: Optional[tuple[int, int]]) -> Tensor:
+    """Triton attention on ``meta`` (:class:`~lcl_fast.kernels.attention_launch.MaskMetadata`)."""
+    return attention_triton_fwd(q, k, v, meta.table, meta.causal, meta.has_doc, meta.has_img, scale,
+                                None if blocks is None else list(blocks))[0]
+
+
+
+
+
+@torch.library.custom_op("lcl_fast::attention_torch_fwd", mutates_args=())
+def attention_torch_fwd(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], image_ids: Optional[Tensor],
+                        causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The torch path's exact per-document attention ``[B, H, L, D]`` (contiguous), with the
+    log-sum-exp of its text and image rows ``[B, H, L]`` (:func:`torch_attention_with_stats`;
+    zeros where the backward recomputes instead)."""
+    saved = torch_attention_with_stats(q, k, v, doc_ids, image_ids, causal, scale)
+    if saved is not None:
+        return saved
+    out = _torch_attention(q, k, v, doc_ids, image_ids, causal, scale).contiguous()
+    lse = q.new_zeros(q.shape[:3], dtype=_stats_dtype(q.dtype))
+    return out, lse, lse.clone()
+
+
+@attention_torch_fwd.register_fake
+def _(q, k, v, doc_ids, image_ids, causal, scale):
+    lse = q.new_empty(q.shape[:3], dtype=_stats_dtype(q.dtype))
+    return q.new_empty(q.shape), lse, lse.new_empty(lse.shape)
+
+
+@torch.library.custom_op("lcl_fast::attention_torch_bwd", mutates_args=())
+def attention_torch_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_text: Tensor,
+                        lse_image: Tensor, doc_ids: Optional[Tensor], image_ids: Optional[Tensor], causal: bool,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv: from the saved output and statistics (CPU flash kernels' backward), or, where
+    the forward saved none, by recomputing the forward under autograd."""
+    if _flash_plans(q, doc_ids, image_ids, causal) is not None:
+        return torch_attention_backward(grad_out, q, k, v, out, lse_text, lse_image, doc_ids, image_ids,
+                                          causal, scale)
+    with autograd_inside_op():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = _torch_attention(*leaves, doc_ids, image_ids, causal, scale)
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g.contiguous() for g, t in zip(grads, (q, k, v)))
+
+
+@attention_torch_bwd.register_fake
+def _(grad_out, q, k, v, out, lse_text, lse_image, doc_ids, image_ids, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_torch_setup(ctx, inputs, output) -> None:
+    q, k, v, doc_ids, image_ids, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, doc_ids, image_ids)
+    ctx.args = (causal, scale)
+
+
+def _attn_torch_backward(ctx, grad_out, _grad_lse_text, _grad_lse_image):
+    q, k, v, out, lse_text, lse_image, doc_ids, image_ids = ctx.saved_tensors
+    dq, dk, dv = attention_torch_bwd(grad_out, q, k, v, out, lse_text, lse_image, doc_ids, image_ids, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_torch_fwd.register_autograd(_attn_torch_backward, setup_context=_attn_torch_setup)
+
+
+def attention_torch_op(q: Tensor, k: Tensor, v: Tensor, doc_ids: Optional[Tensor], image_ids: Optional[Tensor],
+                       causal: bool, scale: float) -> Tensor:
+    return attention_torch_fwd(q, k, v, doc_ids, image_ids, causal, scale)[0]

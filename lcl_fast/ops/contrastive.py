@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lcl_fast._impl import resolve_impl
+from lcl_fast.ops.library import empty
 
 __all__ = ["contrastive_loss", "gather_ragged"]
 
@@ -346,8 +347,6 @@ class _ContrastiveLoss:
     @staticmethod
     def apply(image: Tensor, text: Tensor, image_cols: Tensor | None, text_cols: Tensor | None,
               scale: Tensor, opts: _Options) -> Tensor:
-        from lcl_fast.ops.library import contrastive_op
-
         if not opts.symmetric and image_cols is None:
             raise ValueError("non-symmetric contrastive loss needs the gathered columns")
         return contrastive_op(image, text, image_cols, text_cols, scale, opts.impl, opts.label_offset,
@@ -453,3 +452,126 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     opts = _Options(impl, symmetric=False, label_offset=0, chunk_size=chunk_size)
     return _ContrastiveLoss.apply(image_features, text_features, image_features.detach(),
                                   text_features.detach(), scale, opts)
+
+# ============================================================================ custom ops
+# Registered at import (namespace lcl_fast; see lcl_fast.ops.library): torch.compile keeps each one whole.
+
+def _stats_rows(symmetric: bool) -> int:
+    return 3 if symmetric else 4
+
+
+def _stack_stats(fields: list[Tensor]) -> Tensor:
+    """``[R, n, 2]`` from statistics ``[n]`` (slot 0) or ``[n, 2]`` (Triton's (max, log2 sum) pairs)."""
+    return torch.stack([f if f.dim() == 2 else torch.stack([f, torch.zeros_like(f)], dim=1) for f in fields])
+
+
+def _unstack_stats(stats: Tensor, impl: str, row: int, col: Optional[int], label: int) -> _Stats:
+    def lse(i: int) -> Tensor:
+        return stats[i] if impl == "triton" else stats[i][:, 0]
+
+    return _Stats(lse(row), None if col is None else lse(col), stats[label][:, 0])
+
+
+@torch.library.custom_op("lcl_fast::contrastive_fwd", mutates_args=())
+def contrastive_fwd(
+    image: Tensor, text: Tensor, image_cols: Optional[Tensor], text_cols: Optional[Tensor], scale: Tensor,
+    impl: str, label_offset: int, chunk_size: Optional[int],
+) -> tuple[Tensor, Tensor]:
+    """(loss 0-dim, stats ``[3|4, n]``) of rows ``image, text [n, d]`` against the columns
+    (``image_cols``/``text_cols [m, d]``; None: symmetric, the rows themselves)."""
+    tiles = _TILES[impl]
+    acc = tiles.acc_dtype(image.dtype)
+    symmetric = image_cols is None
+    n = image.shape[0]
+    if n == 0:
+        return image.new_zeros((), dtype=acc), image.new_zeros(_stats_rows(symmetric), 0, 2, dtype=acc)
+    with torch.autocast(image.device.type, enabled=False):
+        s = scale.detach().to(device=image.device, dtype=acc)
+        rows_i, rows_t = tiles.operand(image), tiles.operand(text)
+        if symmetric:
+            st = tiles.lse(rows_i, rows_t, s, True, label_offset, chunk_size)
+            total = st.label_excess()
+            stats = _stack_stats([st.row, st.col, st.label])
+        else:
+            a = tiles.lse(rows_i, tiles.operand(text_cols), s, False, label_offset, chunk_size)
+            b = tiles.lse(rows_t, tiles.operand(image_cols), s, False, label_offset, chunk_size)
+            total = a.label_excess() + b.label_excess()
+            stats = _stack_stats([a.row, a.label, b.row, b.label])
+        loss = total * (tiles.log_unit / (2 * n))
+    return loss.to(acc), stats.to(acc)
+
+
+@contrastive_fwd.register_fake
+def _(image, text, image_cols, text_cols, scale, impl, label_offset, chunk_size):
+    acc = _TILES[impl].acc_dtype(image.dtype)
+    stats = image.new_empty(_stats_rows(image_cols is None), image.shape[0], 2, dtype=acc)
+    return image.new_empty((), dtype=acc), stats
+
+
+@torch.library.custom_op("lcl_fast::contrastive_bwd", mutates_args=())
+def contrastive_bwd(
+    grad: Tensor, image: Tensor, text: Tensor, image_cols: Optional[Tensor], text_cols: Optional[Tensor],
+    scale: Tensor, stats: Tensor, impl: str, label_offset: int, chunk_size: Optional[int],
+    need_image: bool, need_text: bool, need_image_cols: bool, need_text_cols: bool, need_scale: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of image, text, image_cols, text_cols, scale (empty ``[0]`` where not needed)."""
+    tiles = _TILES[impl]
+    n = image.shape[0]
+    symmetric = image_cols is None
+    need = (need_image, need_text, need_image_cols and not symmetric, need_text_cols and not symmetric, need_scale)
+    inputs = (image, text, image_cols, text_cols, scale)
+    if n == 0:  # zeros still reach the gathered columns: their backward is a collective
+        return tuple(torch.zeros_like(t) if t is not None and nd else empty(image) for t, nd in zip(inputs, need))
+    acc = tiles.acc_dtype(image.dtype)
+    with torch.autocast(image.device.type, enabled=False):
+        s = scale.detach().to(device=image.device, dtype=acc)
+        coef = grad.to(acc) * s / (2 * n)
+        rows_i, rows_t = tiles.operand(image), tiles.operand(text)
+        if symmetric:
+            st = _unstack_stats(stats, impl, 0, 1, 2)
+            gi, gt, ds = _grad_problem(tiles, rows_i, rows_t, st, s, 0, coef, need[0], need[1], need[4],
+                                         chunk_size, image.dtype)
+            gic = gtc = None
+        else:
+            st_i, st_t = _unstack_stats(stats, impl, 0, None, 1), _unstack_stats(stats, impl, 2, None, 3)
+            gi, gtc, ds_i = _grad_problem(tiles, rows_i, tiles.operand(text_cols), st_i, s, label_offset, coef,
+                                            need[0], need[3], need[4], chunk_size, image.dtype)
+            gt, gic, ds_t = _grad_problem(tiles, rows_t, tiles.operand(image_cols), st_t, s, label_offset, coef,
+                                            need[1], need[2], need[4], chunk_size, image.dtype)
+            ds = ds_i + ds_t
+        gs = None
+        if need[4]:
+            gs = (grad.to(acc) * ds / (2 * n)).to(scale.device, scale.dtype).reshape(scale.shape)
+    grads = (gi, gt, gic, gtc, gs)
+    return tuple(g if g is not None else empty(image) for g in grads)
+
+
+@contrastive_bwd.register_fake
+def _(grad, image, text, image_cols, text_cols, scale, stats, impl, label_offset, chunk_size,
+      need_image, need_text, need_image_cols, need_text_cols, need_scale):
+    symmetric = image_cols is None
+    need = (need_image, need_text, need_image_cols and not symmetric, need_text_cols and not symmetric, need_scale)
+    inputs = (image, text, image_cols, text_cols, scale)
+    return tuple(torch.empty_like(t) if nd else empty(image) for t, nd in zip(inputs, need))
+
+
+def _contrastive_setup(ctx, inputs, output) -> None:
+    image, text, image_cols, text_cols, scale, impl, label_offset, chunk_size = inputs
+    ctx.save_for_backward(image, text, image_cols, text_cols, scale, output[1])
+    ctx.args = (impl, label_offset, chunk_size)
+
+
+def _contrastive_backward(ctx, grad_loss, _grad_stats):
+    image, text, image_cols, text_cols, scale, stats = ctx.saved_tensors
+    need = ctx.needs_input_grad[:5]
+    grads = contrastive_bwd(grad_loss, image, text, image_cols, text_cols, scale, stats, *ctx.args, *need)
+    return (*(g if nd else None for g, nd in zip(grads, need)), None, None, None)
+
+
+contrastive_fwd.register_autograd(_contrastive_backward, setup_context=_contrastive_setup)
+
+
+def contrastive_op(image: Tensor, text: Tensor, image_cols: Optional[Tensor], text_cols: Optional[Tensor],
+                   scale: Tensor, impl: str, label_offset: int, chunk_size: Optional[int]) -> Tensor:
+    """The loss (see :func:`lcl_fast.ops.contrastive.contrastive_loss`), differentiable."""
+    return contrastive_fwd(image, text, image_cols, text_cols, scale, impl, label_offset, chunk_size)[0]

@@ -33,8 +33,10 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lcl_fast._impl import resolve_impl
+from lcl_fast.ops.library import empty
 
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -360,6 +362,136 @@ def linear_cross_entropy(
         return reference_linear_cross_entropy(hidden, weight, labels.long(), ignore_index, reduction)
     if impl == "triton" and hidden.dtype == torch.float64:
         raise ValueError("impl='triton' takes float16/bfloat16/float32 inputs, got float64; use impl='torch'")
-    from lcl_fast.ops.library import linear_cross_entropy_op  # the custom op (compile keeps it whole)
-
     return linear_cross_entropy_op(hidden, weight, labels.long(), int(ignore_index), reduction, impl)
+
+# ============================================================================ custom ops
+# Registered at import (namespace lcl_fast; see lcl_fast.ops.library): torch.compile keeps each one whole.
+
+
+
+def _lce_fused(impl: str, reduction: str, need_dh: bool, need_dw: bool) -> bool:
+    """The torch path computes the gradients in the forward when a reduced loss needs them."""
+    return impl == "torch" and reduction != "none" and (need_dh or need_dw)
+
+
+@torch.library.custom_op("lcl_fast::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, reduction: str, impl: str,
+    need_dh: bool, need_dw: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse ``[T]`` or empty, dh ``[T, D]`` or empty, dw ``[V, D]`` float32/64 or empty)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        valid = labels != ignore_index
+        n_valid = valid.sum()
+        acc = _acc_dtype(hidden.dtype)
+        if _lce_fused(impl, reduction, need_dh, need_dw):
+            scale = _token_scale(valid, n_valid, reduction, None, acc)
+            losses, dh, dw = _torch_fused(hidden, weight, labels, valid, scale, need_dh, need_dw)
+            lse = empty(hidden, acc)
+            dh = dh if dh is not None else empty(hidden)
+            dw = dw if dw is not None else empty(hidden, acc)
+        else:
+            if impl == "triton":
+                from lcl_fast.kernels.linear_cross_entropy import lse_forward
+
+                lse, label_logit = lse_forward(hidden, weight, labels, ignore_index)
+            else:
+                lse, label_logit = _torch_lse(hidden, weight, labels)
+            losses = torch.where(valid, lse - label_logit, 0.0)
+            dh, dw = empty(hidden), empty(hidden, acc)
+        return _reduce(losses, n_valid, reduction).to(acc), lse.to(acc), dh, dw
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, labels, ignore_index, reduction, impl, need_dh, need_dw):
+    acc = _acc_dtype(hidden.dtype)
+    loss = hidden.new_empty(labels.shape if reduction == "none" else (), dtype=acc)
+    if _lce_fused(impl, reduction, need_dh, need_dw):
+        dh = hidden.new_empty(hidden.shape) if need_dh else empty(hidden)
+        dw = hidden.new_empty(weight.shape, dtype=acc) if need_dw else empty(hidden, acc)
+        return loss, empty(hidden, acc), dh, dw
+    lse = hidden.new_empty(labels.shape, dtype=acc)
+    return loss, lse, empty(hidden), empty(hidden, acc)
+
+
+@torch.library.custom_op("lcl_fast::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(
+    grad: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ignore_index: int, reduction: str,
+    impl: str, need_dh: bool, need_dw: bool,
+) -> tuple[Tensor, Tensor]:
+    """dh, dw (inputs' dtypes; empty where not needed), recomputing the logit tiles."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        valid = labels != ignore_index
+        scale = _token_scale(valid, valid.sum(), reduction, grad, lse.dtype)
+        if impl == "triton":
+            from lcl_fast.kernels.linear_cross_entropy import grad_backward
+
+            dh, dw = grad_backward(hidden, weight, labels, lse, scale, need_dh, need_dw)
+        else:
+            dh, dw = _torch_grads(hidden, weight, labels, lse, scale, need_dh, need_dw)
+    return (dh.to(hidden.dtype) if need_dh else empty(hidden)), (dw.to(weight.dtype) if need_dw else empty(weight))
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(grad, hidden, weight, labels, lse, ignore_index, reduction, impl, need_dh, need_dw):
+    dh = hidden.new_empty(hidden.shape) if need_dh else empty(hidden)
+    dw = weight.new_empty(weight.shape) if need_dw else empty(weight)
+    return dh, dw
+
+
+def _lce_setup(ctx, inputs, output) -> None:
+    hidden, weight, labels, ignore_index, reduction, impl, need_dh, need_dw = inputs
+    _, lse, dh, dw = output
+    # only the loss is differentiated: no zero gradients materialised for lse, dh and dw ([V, D])
+    ctx.set_materialize_grads(False)
+    ctx.fused = _lce_fused(impl, reduction, need_dh, need_dw)
+    ctx.args = (ignore_index, reduction, impl)
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+    if ctx.fused:
+        ctx.save_for_backward(dh, dw)
+    else:
+        ctx.save_for_backward(hidden, weight, labels, lse)
+    ctx.used = False
+
+
+def _scaled(saved: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``saved * grad`` in ``dtype``. In eager mode in place when ``saved`` has that dtype: the op's
+    own buffer, handed out once (``ctx.used``), so a ``[V, D]`` gradient needs no second buffer of fresh
+    pages a step. Traced graphs (torch.compile, AOT dispatch: fake or functional tensor subclasses)
+    stay functional; inductor plans their buffers."""
+    if saved.dtype == dtype and type(saved) is Tensor and not torch.compiler.is_compiling():
+        return saved.mul_(grad.to(dtype))
+    return (saved * grad.to(saved.dtype)).to(dtype)
+
+
+def _lce_backward(ctx, grad, _g_lse, _g_dh, _g_dw):
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if ctx.used:
+        raise RuntimeError(
+            "linear_cross_entropy hands its saved gradients to the first backward; a second backward "
+            "through the same graph (retain_graph=True) is not supported"
+        )
+    if grad is None:  # the loss took no part in what is differentiated (grads are not materialised)
+        return None, None, None, None, None, None, None, None
+    if ctx.fused:
+        ctx.used = True
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # the loss is a scalar: every token's gradient scales by the incoming one
+        dh = _scaled(dh, grad, h_dtype) if need_dh else None
+        dw = _scaled(dw, grad, w_dtype) if need_dw else None
+        return dh, dw, None, None, None, None, None, None
+    hidden, weight, labels, lse = ctx.saved_tensors
+    dh, dw = linear_cross_entropy_bwd(grad, hidden, weight, labels, lse, *ctx.args, need_dh, need_dw)
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None, None, None, None
+
+
+linear_cross_entropy_fwd.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, reduction: str,
+                            impl: str) -> Tensor:
+    """The loss (see :func:`lcl_fast.ops.linear_cross_entropy.linear_cross_entropy`), differentiable."""
+    grad_on = torch.is_grad_enabled()
+    need_dh, need_dw = grad_on and hidden.requires_grad, grad_on and weight.requires_grad
+    return linear_cross_entropy_fwd(hidden, weight, labels, ignore_index, reduction, impl, need_dh, need_dw)[0]

@@ -23,6 +23,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from ..errors import CheckpointError
+
 FORMAT = "lcl_fast.train/1"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -143,13 +145,13 @@ def save_checkpoint(payload: dict, run_dir: Union[str, os.PathLike], step: int, 
 
 
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> dict:
-    """Read a training checkpoint (weights_only); a clear ``ValueError`` if it is not one."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    """Read a training checkpoint (weights_only); a one-line :class:`~lcl_fast.errors.CheckpointError`
+    (a ``ValueError``) if it is not one."""
+    from ..factory import read_checkpoint
+
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a lcl_fast training checkpoint (no format {FORMAT!r}); "
             "to start from its weights use --pretrained"
         )

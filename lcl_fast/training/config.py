@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from ..errors import ArgumentParser, UserError, add_debug_flag
+
 DATASET_TYPES = ("synthetic", "webdataset", "mmc4", "obelics")
 PRECISIONS = ("auto", "amp_bf16", "amp", "fp32")
 OPTIMIZERS = ("adamw", "apex_fused_adam")
@@ -22,7 +24,7 @@ RECIPE_WARMUP = 2000  # the published scripts' warm-up
 SYNTHETIC_CORPORA = (None, "pairs", "interleaved", "mmc4")  # --train-data values of the built-in corpus
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad setting, found before any work; the message names the flag."""
 
 
@@ -171,7 +173,7 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lcl_fast.train",
         description="Pre-train LCL. Without arguments: the built-in demo on the synthetic corpus.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -187,14 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             *flags, dest=f.name, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"]
         )
+    add_debug_flag(parser)  # read by the error report (lcl_fast.errors), not part of the run's settings
     return parser
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """Flags → a checked :class:`TrainConfig`. Bad flags exit with status 2 and a message naming them."""
+    """Flags → a checked :class:`TrainConfig`. Bad flags exit with status 2 and one line naming them."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    args = vars(parser.parse_args(argv))
+    args.pop("debug")
+    cfg = TrainConfig(**args)
     try:
         validate(cfg)
     except ConfigError as err:
@@ -302,7 +306,7 @@ def _apex_fused_adam_available() -> bool:
 
 
 def _check_model(cfg: TrainConfig) -> None:
-    from ..factory import get_model_config  # torch-free enough, but keep `--help` fast
+    from ..model_configs import get_model_config  # no torch: `--help` stays fast
 
     try:
         model_cfg = get_model_config(cfg.model)

@@ -218,3 +218,14 @@ def test_pickle_round_trip():
     copy = pickle.loads(blob)
     assert copy.context_length == 128
     assert torch.equal(copy(["a cat <img_placehold>"]), tok(["a cat <img_placehold>"]))
+
+
+def test_tokenizer_takes_its_settings_from_a_config():
+    from lcl_fast.data.tokenizer import tokenizer_from_config
+
+    cfg = {"text_cfg": {"context_length": 40}, "special_token_ids": {"<start_of_img>": 49409}}
+    assert tokenizer_from_config(cfg).context_length == 40
+    assert tokenizer_from_config(cfg, context_length=12).context_length == 12
+    assert tokenizer_from_config(None).context_length == 77
+    with pytest.raises(ValueError, match=r"special_token_ids \{'<start_of_img>': 7\} differ"):
+        tokenizer_from_config({"special_token_ids": {"<start_of_img>": 7}})

@@ -146,3 +146,21 @@ def test_caption_returns_strings(model64, images):
     ids = model64.generate(images, [tok.encode("a")] * 3, max_new_tokens=5)
     assert texts == [tok.decode([t for t in row if t not in (0, EOT)]).strip() for row in ids.tolist()]
     assert all(isinstance(t, str) and t for t in texts)
+
+
+def test_caption_decodes_pil_images_and_paths_generation_takes_tensors(tmp_path):
+    """generation.py takes decoded images (or a decode function); lcl_fast.caption passes the data layer's."""
+    from PIL import Image
+
+    from lcl_fast.data.decode import eval_images
+    from lcl_fast.generation import caption
+
+    torch.manual_seed(0)
+    model = lcl_fast.create_model("LCL_tiny", impl="torch").eval()
+    tok = lcl_fast.get_tokenizer(context_length=64)
+    pics = [Image.new("RGB", (40, 36), rgb) for rgb in ((200, 30, 30), (30, 200, 30))]
+    pics[1].save(tmp_path / "green.png")
+    expected = caption(model, tok, eval_images(pics, 32), max_new_tokens=3)
+    assert lcl_fast.caption(model, tok, [pics[0], tmp_path / "green.png"], max_new_tokens=3) == expected
+    with pytest.raises(TypeError, match="pass decode="):
+        caption(model, tok, pics, max_new_tokens=3)

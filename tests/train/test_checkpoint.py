@@ -101,5 +101,5 @@ def test_not_a_training_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a lcl_fast training checkpoint"):
         ckpt.load_checkpoint_file(tmp_path / "plain.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match="junk.pt is not a PyTorch checkpoint"):
         ckpt.load_checkpoint_file(tmp_path / "junk.pt")
