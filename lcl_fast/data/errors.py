@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 
-class DataError(ValueError):
-    """Data a run cannot use (no shard gives a sample, a shard that cannot be read, ...). The
-    message is one line that names the file or flag and what is wrong; a command line prints it
-    as is, without a traceback."""
+
+class DataError(UserError):
+    """Data a run cannot use (no shard gives a sample, a shard that cannot be read, ...). A
+    :class:`~lcl_fast.errors.UserError`: the message is one line that names the file or flag and
+    what is wrong; a command line prints it as is, without a traceback."""
 
 
 class NoUsableData(DataError, RuntimeError):
