@@ -85,10 +85,11 @@ def test_without_pypi_kernels_the_folder_reads_as_not_installed(tmp_path):
     for entry in site.iterdir():  # the same site-packages, less kernels
         if entry.name != "kernels" and not entry.name.startswith("kernels-"):
             (hidden / entry.name).symlink_to(entry)
-    probe = (
-        "import json, kernels; from transformers import CLIPVisionModel; "
-        "from transformers.utils.import_utils import is_kernels_available as a; "
-        "print(json.dumps([getattr(kernels, '__file__', None), list(kernels.__path__), a()]))"
+    probe = (  # transformers asks first (find_spec finds the folder; no metadata; it imports it), then the user
+        "import json, sys, importlib.util as u; from transformers.utils.import_utils import is_kernels_available as a; "
+        "found = u.find_spec('kernels').origin if 'kernels' not in sys.modules else 'imported'; available = a(); "
+        "from transformers import CLIPVisionModel; import kernels; "
+        "print(json.dumps([found, available, getattr(kernels, '__file__', None), list(kernels.__path__)]))"
     )
     env = dict(_env(), PYTHONPATH=str(hidden))
-    assert _run(["-S", "-c", probe], env=env) == [None, [], False]
+    assert _run(["-S", "-c", probe], env=env) == [str(REPO / "kernels" / "__init__.py"), False, None, []]
