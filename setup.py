@@ -36,7 +36,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     # `kernels/` lives at the top level of the repository but installs as `lcl_fast.kernels`:
-    # a top-level `kernels` module would collide with an unrelated PyPI package.
+    # a top-level `kernels` module would collide with an unrelated PyPI package (transformers >= 5 imports it).
+    # Where the repository root is on sys.path, kernels/__init__.py hands `import kernels` over to that package.
     packages=[
         "lcl_fast",
         "lcl_fast.ops",

@@ -1,6 +1,7 @@
 """lcl-fast: Latent Compression Learning, the reference's mathematics, faster and leaner.
 
 Public API: :class:`LCL`, :class:`LCLLoss`, :func:`create_model`, :func:`get_tokenizer`,
+:func:`build_paired_text` (text ids for image–caption pairs),
 :func:`caption`/:func:`generate` (text from LCL's language model) and the
 functional ops :func:`contrastive_loss`, :func:`interleaved_attention`, :func:`linear_cross_entropy`.
 Names are imported on first use, so ``import lcl_fast`` stays cheap.
@@ -21,6 +22,7 @@ _EXPORTS = {
     "list_models": "lcl_fast.factory",
     "load_checkpoint": "lcl_fast.factory",
     "get_tokenizer": "lcl_fast.data.tokenizer",
+    "build_paired_text": "lcl_fast.data.sequences",
     "contrastive_loss": "lcl_fast.ops.contrastive",
     "interleaved_attention": "lcl_fast.ops.attention",
     "linear_cross_entropy": "lcl_fast.ops.linear_cross_entropy",

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import config as C
 from ._impl import resolve_impl
-from .nn.towers import AttentivePoolingProjection, TextTower, VisionTower
+from .nn.towers import AttentivePoolingProjection, VisionTower, text_tower_class
 from .nn.transformer import LayerNorm
 from .targets import PAD_ID, loss_targets
 
@@ -62,7 +62,7 @@ class LCL(nn.Module):
         self.cast_dtype = cast_dtype
 
         self.visual = VisionTower(vcfg, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl)
-        self.text = TextTower(tcfg, embed_dim, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl)
+        self.text = text_tower_class()(tcfg, embed_dim, quick_gelu=quick_gelu, fp32_norm=fp32_norm, impl=impl)
         self.pool_project = AttentivePoolingProjection(pcfg, fp32_norm=fp32_norm)
         self.lm_head = nn.Sequential(
             LayerNorm(tcfg.width, fp32=fp32_norm), nn.Linear(tcfg.width, tcfg.vocab_size, bias=False)
@@ -83,6 +83,16 @@ class LCL(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """open_clip's ``CLIP.lock_image_tower`` (``--lock-image``): ``self.visual.lock(...)``; the pooler
+        (``pool_project``) stays trainable."""
+        self.visual.lock(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """open_clip's ``CLIP.lock_text_tower`` (``--lock-text``): ``self.text.lock(...)``; the LM head
+        (``lm_head``) stays trainable."""
+        self.text.lock(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
 
     # ------------------------------------------------------------------ checks
     def _check_images(self, images: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import sys
 import zipfile
 
 import numpy as np
@@ -229,36 +230,70 @@ def test_fused_generation_loss_under_open_clip_accumulation():
 # ---------------------------------------------------------------------------------------------
 # 6. open_clip's low-precision conversion (--precision bf16) finds the weights by module type
 
+@pytest.fixture
+def open_clip_classes(monkeypatch):
+    """Stand-ins for open_clip's modules as its trainer has them imported (``open_clip.transformer``,
+    ``open_clip.model``), with its classes' constructors: lcl-fast may borrow their types, never build them."""
+    import types
+
+    class _NeedsArgs(nn.Module):
+        def __init__(self, width, layers, heads):  # open_clip's towers take their config
+            super().__init__()
+            raise AssertionError("open_clip's constructor must not run")
+
+    transformer = types.ModuleType("open_clip.transformer")
+    transformer.TextTransformer = type("TextTransformer", (_NeedsArgs,), {})
+    transformer.VisionTransformer = type("VisionTransformer", (_NeedsArgs,), {})
+    transformer.Attention = type("Attention", (_NeedsArgs,), {})
+    model = types.ModuleType("open_clip.model")
+    model.CLIP = type("CLIP", (_NeedsArgs,), {})
+    package = types.ModuleType("open_clip")
+    package.transformer, package.model = transformer, model
+    for name, module in (("open_clip", package), ("open_clip.transformer", transformer), ("open_clip.model", model)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return transformer, model
+
+
 def _open_clip_convert_weights_to_lp(model: nn.Module, dtype: torch.dtype) -> None:
-    """open_clip's ``convert_weights_to_lp``, as far as it can reach a model without open_clip's classes:
-    Conv/Linear weights and biases, ``nn.MultiheadAttention``'s ``in_proj_*``/``bias_k``/``bias_v``."""
+    """open_clip's ``convert_weights_to_lp`` (``--precision bf16|fp16``), written from its rule: Conv/Linear
+    weights and biases; ``in_proj_*``/``q|k|v_proj_weight``/``bias_k``/``bias_v`` of ``nn.MultiheadAttention``
+    and its own ``Attention``; ``text_projection`` of its ``CLIP``/``TextTransformer``; ``proj`` of its
+    ``VisionTransformer``. The classes come from ``sys.modules`` (the ``open_clip_classes`` fixture)."""
+    oc_transformer, oc_model = sys.modules["open_clip.transformer"], sys.modules["open_clip.model"]
 
     def convert(m: nn.Module) -> None:
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             m.weight.data = m.weight.data.to(dtype)
             if m.bias is not None:
                 m.bias.data = m.bias.data.to(dtype)
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, (nn.MultiheadAttention, oc_transformer.Attention)):
             for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
                          "in_proj_bias", "bias_k", "bias_v"):
                 t = getattr(m, attr)
                 if t is not None:
                     t.data = t.data.to(dtype)
+        if isinstance(m, (oc_model.CLIP, oc_transformer.TextTransformer)):
+            t = getattr(m, "text_projection", None)
+            if t is not None:
+                t.data = t.data.to(dtype)
+        if isinstance(m, oc_transformer.VisionTransformer):
+            t = getattr(m, "proj", None)
+            if t is not None:
+                t.data = t.data.to(dtype)
 
     model.apply(convert)
 
 
-# Parameters the rule converts on the reference model (its module types, REFERENCE.md's keys). It also
-# converts ``text.text_projection``, by open_clip's own TextTransformer class, which lcl-fast's text tower
-# cannot be; lcl-fast computes the projection in the activations' dtype, so the product is the same.
+# Parameters the rule converts on the reference model (its module types, REFERENCE.md's keys), the text
+# projection included (the reference's text tower is open_clip's TextTransformer).
 _REFERENCE_LP = re.compile(
     r"visual\.conv1\.weight|.*\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
     r"|.*\.mlp\.c_(fc|proj)\.(weight|bias)|pool_project\.pooler\.cross_attn\.(q|k|v|proj)\.weight"
-    r"|lm_head\.1\.weight"
+    r"|lm_head\.1\.weight|text\.text_projection"
 )
 
 
-def test_low_precision_conversion_reaches_what_it_reaches_on_the_reference():
+def test_low_precision_conversion_reaches_what_it_reaches_on_the_reference(open_clip_classes):
     model = lcl_fast.create_model(TINY, impl="torch", cast_dtype=torch.bfloat16)
     reference = lcl_fast.create_model(TINY, impl="torch")
     reference.load_state_dict(model.state_dict())
@@ -267,6 +302,7 @@ def test_low_precision_conversion_reaches_what_it_reaches_on_the_reference():
     want = {k for k in model.state_dict() if _REFERENCE_LP.fullmatch(k)}
     assert converted == want
     assert {k for k in want if ".attn.in_proj" in k} and {k for k in want if "cross_attn.q." in k}
+    assert model.text.text_projection.dtype == torch.bfloat16
     # open_clip's "bf16" precision runs without autocast, on bfloat16 inputs
     images, text = _batch(model, 3, seed=5)
     out = model(images.bfloat16(), text)
@@ -276,3 +312,62 @@ def test_low_precision_conversion_reaches_what_it_reaches_on_the_reference():
         torch.testing.assert_close(out[key].float(), want_out[key], rtol=0.05, atol=0.03, msg=key)
     loss = sum(lcl_fast.LCLLoss(1.0, 0.1, impl="torch")(**out))
     assert torch.isfinite(loss)
+
+
+def test_text_tower_borrows_open_clip_type_only_when_open_clip_is_loaded(open_clip_classes):
+    from lcl_fast.nn.towers import TextTower
+
+    transformer, _ = open_clip_classes
+    inside = _tiny()
+    assert isinstance(inside.text, transformer.TextTransformer) and isinstance(inside.text, TextTower)
+    assert type(inside.text).lock is TextTower.lock
+    sys.modules.pop("open_clip.transformer")
+    outside = _tiny()
+    assert type(outside.text) is TextTower
+    assert inside.state_dict().keys() == outside.state_dict().keys()
+    for k, v in outside.state_dict().items():  # the same initialisation either way
+        torch.testing.assert_close(inside.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. --lock-image / --lock-text: open_clip's trainer calls model.lock_image_tower / lock_text_tower
+
+
+def _frozen(module: nn.Module, prefix: str = "") -> set[str]:
+    return {prefix + n for n, p in module.named_parameters() if not p.requires_grad}
+
+
+def test_lock_image_tower_as_open_clip():
+    model = _tiny()  # LCL_tiny's vision tower: 2 blocks -> groups: stem, block 0, (block 1, ln_post)
+    vis = {f"visual.{n}" for n, _ in model.visual.named_parameters()}
+    model.lock_image_tower()  # the trainer's call: lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
+    assert _frozen(model) == vis  # the pooler, text tower, LM head and logit scale stay trainable
+
+    model = _tiny()
+    model.lock_image_tower(unlocked_groups=1, freeze_bn_stats=True)
+    trainable = vis - _frozen(model)
+    assert trainable == {n for n in vis if n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post."))}
+    model.visual.lock(unlocked_groups=3)
+    assert not _frozen(model)
+    with pytest.raises(ValueError, match=r"unlocked_groups must be an int in \[0, 3\]"):
+        model.visual.lock(unlocked_groups=4)
+
+
+def test_lock_text_tower_as_open_clip():
+    model = _tiny()  # 2 text blocks -> groups: embeddings, block 0, (block 1, ln_final), text_projection
+    text = {f"text.{n}" for n, _ in model.text.named_parameters()}
+    model.lock_text_tower()  # lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    assert _frozen(model) == text and not _frozen(model.lm_head)
+
+    model = _tiny()
+    model.lock_text_tower(unlocked_layers=2)
+    trainable = text - _frozen(model)
+    assert trainable == {"text.text_projection"} | {
+        n for n in text if n.startswith(("text.transformer.resblocks.1.", "text.ln_final."))
+    }
+    model = _tiny()
+    model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=False)
+    norms = {n for n in text if ".ln_" in n}
+    assert norms and text - _frozen(model) == norms
+    with pytest.raises(ValueError, match=r"unlocked_layers must be an int in \[0, 4\]"):
+        model.lock_text_tower(unlocked_layers=5)

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 SIM_THRESHOLD = 0.24
 MAX_IMAGES = 6
@@ -179,3 +182,43 @@ class InterleavedSequenceBuilder:
             if n_soi < self.min_images:
                 return None
         return ids, n_soi
+
+
+def build_paired_text(
+    tokenizer: TokenizerLike,
+    captions: str | Sequence[str],
+    num_img_token: int,
+    *,
+    image_first: bool | Sequence[bool] = False,
+    context_length: Optional[int] = None,
+) -> torch.Tensor:
+    """Text ids for image–caption pairs, one image per caption, as ``model(images, text_ids)`` takes them.
+
+    ``tokenizer``: :func:`lcl_fast.get_tokenizer`'s (or any with the special-token ids and ``encode``);
+    ``num_img_token``: the model's ``model.num_img_token`` (image latents per image). Row ``i`` holds
+    caption ``i`` and the ``<img_placehold>`` run of image ``i``, the layout training uses
+    (:class:`PairedSequenceBuilder`): ``<sot> caption <start_of_img> <img_placehold>… <end_of_img>``
+    (the default: the text before the image gives the contrastive pair, and the caption is learned
+    as text), or with ``image_first`` ``<start_of_img> … <end_of_img> caption <eot>`` (captioning:
+    the caption is predicted from the image; no contrastive pair). ``image_first`` may be one bool
+    per caption. Captions are cut to ``context_length - num_img_token - 4`` ids; rows are padded with
+    0 to ``context_length`` (default: the tokenizer's). Returns ``[len(captions), context_length]`` int64.
+    """
+    import torch
+
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    wrong = [i for i, c in enumerate(captions) if not isinstance(c, str)]
+    if wrong:
+        raise TypeError(f"captions must be strings; item {wrong[0]} is a {type(captions[wrong[0]]).__name__}")
+    firsts = [bool(image_first)] * len(captions) if isinstance(image_first, bool) else list(image_first)
+    if len(firsts) != len(captions):
+        raise ValueError(f"image_first has {len(firsts)} entries for {len(captions)} captions")
+    length = int(context_length if context_length is not None else tokenizer.context_length)
+    rows = [
+        PairedSequenceBuilder(tokenizer, length, num_img_token, img_first_prob=float(first))(caption, random.Random(0))
+        for caption, first in zip(captions, firsts)
+    ]
+    out = torch.zeros((len(rows), length), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return out

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..config import PoolProjectCfg, TextCfg, VisionCfg
 from .transformer import LayerNorm, Transformer
+
+
+def _set_trainable(groups: Sequence[Any], trainable: bool) -> None:
+    """``requires_grad = trainable`` for every parameter of ``groups`` (modules, parameters, nested lists)."""
+    for group in groups:
+        if isinstance(group, nn.Parameter):
+            group.requires_grad_(trainable)
+        elif isinstance(group, nn.Module):
+            for p in group.parameters():
+                p.requires_grad_(trainable)
+        else:
+            _set_trainable(group, trainable)
+
+
+def _lock_groups(tower: nn.Module, groups: list[Any], unlocked: int, what: str) -> None:
+    """open_clip's tower locking: every parameter frozen, then the last ``unlocked`` groups trainable again."""
+    if isinstance(unlocked, bool) or not isinstance(unlocked, int) or not 0 <= unlocked <= len(groups):
+        raise ValueError(f"{what} must be an int in [0, {len(groups)}] (this tower's groups), got {unlocked!r}")
+    _set_trainable([tower], False)
+    if unlocked:
+        _set_trainable(groups[-unlocked:], True)
 
 
 class VisionTower(nn.Module):
@@ -31,6 +57,19 @@ class VisionTower(nn.Module):
         )
         self.ln_post = LayerNorm(width, fp32=fp32_norm)
         self.transformer.init_parameters()
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the tower as open_clip's ``VisionTransformer.lock`` does (LiT, ``--lock-image``).
+
+        Groups, first to last: the stem (``conv1``, ``class_embedding``, ``positional_embedding``,
+        ``ln_pre``), each block but the last, then the last block with ``ln_post`` (there is no ``proj``).
+        The last ``unlocked_groups`` of them stay trainable. ``freeze_bn_stats``: accepted for the
+        trainer's call; a ViT has no batch norm.
+        """
+        blocks = list(self.transformer.resblocks)
+        stem = [self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre]
+        groups = [stem, *blocks[:-1], [*blocks[-1:], self.ln_post]]
+        _lock_groups(self, groups, unlocked_groups, "unlocked_groups")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` → patch tokens ``[N, grid², width]``."""
@@ -110,7 +149,7 @@ class TextTower(nn.Module):
     def __init__(
         self, cfg: TextCfg, embed_dim: int, *, quick_gelu: bool = False, fp32_norm: bool = False, impl: str = "auto"
     ):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): with open_clip loaded, its TextTransformer follows in the MRO
         self.cfg = cfg
         self.width = cfg.width
         self.context_length = cfg.context_length
@@ -128,7 +167,45 @@ class TextTower(nn.Module):
         nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
         self.transformer.init_parameters()
 
+    def lock(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """Freeze the tower as open_clip's text towers lock (``--lock-text``).
+
+        Groups, first to last: the embeddings (``token_embedding``, ``positional_embedding``), each block
+        but the last, the last block with ``ln_final``, then ``text_projection``. The last
+        ``unlocked_layers`` groups stay trainable; ``freeze_layer_norm=False`` leaves every LayerNorm of
+        the frozen groups trainable too.
+        """
+        blocks = list(self.transformer.resblocks)
+        groups = [
+            [self.token_embedding, self.positional_embedding], *blocks[:-1], [*blocks[-1:], self.ln_final],
+            self.text_projection,
+        ]
+        _lock_groups(self, groups, unlocked_layers, "unlocked_layers")
+        if not freeze_layer_norm:
+            _set_trainable([m for m in self.modules() if isinstance(m, nn.LayerNorm)], True)
+
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """``ln_final(h) @ text_projection``: the text feature at a ``<start_of_img>`` position."""
         x = self.ln_final(h)
         return x @ self.text_projection.to(x.dtype)
+
+
+@functools.cache
+def _with_open_clip_base(base: type) -> type:
+    return type("TextTower", (TextTower, base), {"__module__": __name__, "__doc__": TextTower.__doc__})
+
+
+def text_tower_class() -> type:
+    """:class:`TextTower`, or, when open_clip is already imported (its trainer builds the model), a
+    :class:`TextTower` that is also an instance of open_clip's ``TextTransformer``.
+
+    open_clip's ``--precision bf16|fp16`` conversion (``convert_weights_to_lp``) converts
+    ``text_projection`` only on modules of its own text classes (``isinstance(l, (CLIP, TextTransformer))``;
+    older releases look for the attribute on any module): so it reaches ``text.text_projection`` as on
+    the reference. Only the type is borrowed: TextTower's own methods and attributes come first, and
+    open_clip is never imported from here.
+    """
+    base = getattr(sys.modules.get("open_clip.transformer"), "TextTransformer", None)
+    if isinstance(base, type) and issubclass(base, nn.Module) and not issubclass(TextTower, base):
+        return _with_open_clip_base(base)
+    return TextTower

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from lcl_fast.data.sequences import (
     InterleavedSequenceBuilder,
@@ -221,3 +222,48 @@ def test_matches_the_reference_string_method_with_the_real_tokenizer():
         got = b.from_sentences(sentences, image_ixs, before)
         ref_len = max(i for i, t in enumerate(ref) if t != 0) + 1
         assert got is not None and got[0] == ref[:ref_len], (sentences, got, ref)
+
+
+# lcl_fast.build_paired_text: the public route to the paired layout (README "Drop-in use").
+
+
+def test_build_paired_text_layout():
+    import lcl_fast
+
+    tok = lcl_fast.get_tokenizer(context_length=12)
+    got = lcl_fast.build_paired_text(tok, ["a red circle", "a cat"], 3, image_first=[False, True])
+    assert got.dtype == torch.int64 and got.shape == (2, 12)
+    caption0, caption1 = tok.encode("a red circle"), tok.encode("a cat")
+    row0 = [tok.sot_token_id, *caption0, tok.soi_token_id, *[tok.img_token_id] * 3, tok.eoi_token_id]
+    row1 = [tok.soi_token_id, *[tok.img_token_id] * 3, tok.eoi_token_id, *caption1, tok.eot_token_id]
+    assert got[0].tolist() == row0 + [0] * (12 - len(row0))
+    assert got[1].tolist() == row1 + [0] * (12 - len(row1))
+    # one flag for all, a single caption, and the training builder's cut (C - N - 4 caption ids)
+    long = "one two three four five six seven eight"
+    cut = lcl_fast.build_paired_text(tok, long, 3, image_first=True)
+    row = PairedSequenceBuilder(tok, 12, 3, img_first_prob=1.0)(long, random.Random(0))
+    assert len(row) < 12 and cut[0].tolist() == row + [0] * (12 - len(row))
+
+
+def test_build_paired_text_feeds_the_model():
+    import lcl_fast
+
+    torch.manual_seed(0)
+    model = lcl_fast.create_model("LCL_tiny")
+    tok = lcl_fast.get_tokenizer("LCL_tiny")
+    text = lcl_fast.build_paired_text(tok, ["a red circle", "a blue square"], model.num_img_token)
+    assert text.shape == (2, tok.context_length)
+    out = model(torch.rand(2, 3, *model.visual.image_size), text)
+    assert out["image_features"].shape[0] == 2 and out["text_features"].shape[0] == 2  # both rows paired
+
+
+def test_build_paired_text_errors():
+    import lcl_fast
+
+    tok = lcl_fast.get_tokenizer(context_length=12)
+    with pytest.raises(ValueError, match="image_first has 1 entries for 2 captions"):
+        lcl_fast.build_paired_text(tok, ["a", "b"], 3, image_first=[True])
+    with pytest.raises(TypeError, match="item 1 is a int"):
+        lcl_fast.build_paired_text(tok, ["a", 5], 3)
+    with pytest.raises(ValueError, match="context_length 12 and num_img_token 9"):
+        lcl_fast.build_paired_text(tok, ["a"], 9)
