@@ -321,6 +321,7 @@ def test_text_tower_borrows_open_clip_type_only_when_open_clip_is_loaded(open_cl
     inside = _tiny()
     assert isinstance(inside.text, transformer.TextTransformer) and isinstance(inside.text, TextTower)
     assert type(inside.text).lock is TextTower.lock
+    assert type(pickle_roundtrip(inside).text) is type(inside.text)  # torch.save(model) finds the class again
     sys.modules.pop("open_clip.transformer")
     outside = _tiny()
     assert type(outside.text) is TextTower

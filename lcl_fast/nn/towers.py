@@ -190,9 +190,22 @@ class TextTower(nn.Module):
         return x @ self.text_projection.to(x.dtype)
 
 
+_OPEN_CLIP_TOWER = "OpenClipTextTower"
+
+
 @functools.cache
 def _with_open_clip_base(base: type) -> type:
-    return type("TextTower", (TextTower, base), {"__module__": __name__, "__doc__": TextTower.__doc__})
+    # Named as this module's attribute (see __getattr__) so that a pickled model finds its class again.
+    attrs = {"__module__": __name__, "__qualname__": _OPEN_CLIP_TOWER, "__doc__": TextTower.__doc__}
+    return type(_OPEN_CLIP_TOWER, (TextTower, base), attrs)
+
+
+def __getattr__(name: str) -> type:
+    if name == _OPEN_CLIP_TOWER:  # unpickling a model built inside open_clip's trainer
+        import importlib
+
+        return _with_open_clip_base(importlib.import_module("open_clip.transformer").TextTransformer)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def text_tower_class() -> type:
