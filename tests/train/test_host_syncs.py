@@ -1,0 +1,63 @@
+"""One host sync a step: a steady-state training step reads the device once, for its non-finite check.
+
+Counted on the CPU with :class:`tests._syncs.SyncCounter` (value reads, device-to-host copies,
+ops with data-dependent output shapes) over full steps of ``lcl_fast.train.main``; the data
+loader's own host-side work is not counted (on a GPU it runs on host tensors).
+"""
+
+from __future__ import annotations
+
+from lcl_fast.ops import linear_cross_entropy as lce
+from lcl_fast.train import main
+from lcl_fast.training import loop
+from tests._syncs import SyncCounter
+
+ARGS = ["--batch-size", "4", "--no-progress", "--report-to", "none", "--val-pairs", "0", "--save-frequency", "0",
+        "--seed", "7", "--steps", "8", "--log-every-n-steps", "3"]
+LOG_STEPS = {3, 6, 8}
+
+
+def _optimizer_host_tensors(trainer):
+    """An optimizer's step counters: host tensors on a GPU too unless fused/capturable (then no read)."""
+    return [s["step"] for s in trainer.optimizer.state.values() if "step" in s]
+
+
+def count_syncs_per_step(monkeypatch, argv: list[str]) -> list[list[tuple[str, str]]]:
+    """The sync events of each step (index 0: step 1) of ``main(argv)``."""
+    counter, starts, trainers = SyncCounter(host=lambda: _optimizer_host_tensors(trainers[0])), [], []
+    real_step, real_next, real_fit = loop.Trainer.train_step, loop.Trainer._next_batch, loop.Trainer.fit
+
+    def train_step(self, micro_batches):
+        starts.append(len(counter.events))
+        return real_step(self, micro_batches)
+
+    def next_batch(self):
+        counter.paused = True
+        try:
+            return real_next(self)
+        finally:
+            counter.paused = False
+
+    def fit(self):
+        trainers.append(self)
+        with counter:
+            return real_fit(self)
+
+    # The label-range check of the fused CE runs on CPU tensors only (it returns at once for CUDA ones):
+    # this step is counted as it runs on a GPU.
+    monkeypatch.setattr(lce, "_check_label_range", lambda *a, **k: None)
+    monkeypatch.setattr(loop.Trainer, "train_step", train_step)
+    monkeypatch.setattr(loop.Trainer, "_next_batch", next_batch)
+    monkeypatch.setattr(loop.Trainer, "fit", fit)
+    assert main(argv) == 0
+    bounds = starts + [len(counter.events)]
+    return [counter.events[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def test_one_rank_reads_the_device_once_a_step(train_env, monkeypatch):
+    steps = count_syncs_per_step(monkeypatch, [*ARGS, "--logs", str(train_env), "--name", "syncs"])
+    assert len(steps) == 8
+    report = "\n".join(f"step {i + 1}: {len(e)}: {e}" for i, e in enumerate(steps))
+    for i, events in enumerate(steps[1:-1], start=2):  # step 1 warms up; the last one saves
+        budget = 2 if i in LOG_STEPS else 1  # a log step reads its logged values in one more transfer
+        assert len(events) <= budget, f"step {i}: {len(events)} host syncs, budget {budget}\n{report}"
