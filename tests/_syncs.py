@@ -1,9 +1,11 @@
 """Count the host syncs a piece of code would make on a GPU, by watching its ops on the CPU.
 
 A CUDA host sync is an op whose result the host must wait for: reading a value back
-(``.item()``, ``.tolist()``, ``float(t)``, ``bool(t)``, ``if t:`` all reach
-``aten._local_scalar_dense``), a device-to-host copy, or an op whose output *shape* depends on
-the data (``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing...). A
+(``.item()``, ``float(t)``, ``bool(t)``, ``if t:`` all reach ``aten._local_scalar_dense``;
+``.tolist()``, ``.cpu()``, ``.numpy()`` are watched as methods, since on the CPU they dispatch no
+copy), a device-to-host copy, a blocking host-to-device copy (``torch.tensor(data, device=...)``),
+or an op whose output *shape* depends on the data (``nonzero``, ``masked_select``, ``unique``,
+boolean-mask indexing...). A
 ``TorchDispatchMode`` sees each of them on the CPU as well. Tensors that stay on the host on a GPU
 too (an optimizer's step counters, say) can be excluded by identity with ``host``.
 """
@@ -47,6 +49,9 @@ def _to_host(func, args, kwargs, out) -> bool:
 # Tensor methods that read a tensor into host memory without an op a dispatch mode sees on the CPU
 # (on a GPU ``tolist``/``cpu`` copy device to host: ``aten._to_copy``).
 _HOST_METHODS = ("tolist", "numpy", "cpu")
+# Constructors from host data: given a ``device``, they copy to it and wait (a blocking copy syncs the
+# stream on CUDA). Counted whenever a device is named: on the CPU that device is the CPU.
+_FACTORIES = ("tensor", "as_tensor", "asarray")
 
 
 class SyncCounter(TorchDispatchMode):
@@ -83,9 +88,29 @@ class SyncCounter(TorchDispatchMode):
 
         setattr(torch.Tensor, name, method)
 
+    def _patch_factory(self, name: str) -> None:
+        """``torch.tensor(host data, device=d)``: on CUDA a blocking copy, which waits for the device."""
+        real = getattr(torch, name)
+        self._saved_factories[name] = real
+        counter = self
+
+        def factory(*args, **kwargs):
+            if kwargs.get("device") is not None and not counter.paused and not counter._inside:
+                counter.events.append((f"torch.{name}(device=)", _caller(2)))
+            counter._inside += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                counter._inside -= 1
+
+        setattr(torch, name, factory)
+
     def __enter__(self):
+        self._saved_factories: dict[str, object] = {}
         for name in _HOST_METHODS:
             self._patch(name)
+        for name in _FACTORIES:
+            self._patch_factory(name)
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -94,7 +119,10 @@ class SyncCounter(TorchDispatchMode):
         finally:
             for name, real in self._saved.items():
                 setattr(torch.Tensor, name, real)
+            for name, real in self._saved_factories.items():
+                setattr(torch, name, real)
             self._saved.clear()
+            self._saved_factories.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

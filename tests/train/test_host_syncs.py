@@ -7,6 +7,8 @@ loader's own host-side work is not counted (on a GPU it runs on host tensors).
 
 from __future__ import annotations
 
+import torch
+
 from lcl_fast.ops import linear_cross_entropy as lce
 from lcl_fast.train import main
 from lcl_fast.training import loop
@@ -61,3 +63,41 @@ def test_one_rank_reads_the_device_once_a_step(train_env, monkeypatch):
     for i, events in enumerate(steps[1:-1], start=2):  # step 1 warms up; the last one saves
         budget = 2 if i in LOG_STEPS else 1  # a log step reads its logged values in one more transfer
         assert len(events) <= budget, f"step {i}: {len(events)} host syncs, budget {budget}\n{report}"
+
+
+def _rank_syncs(rank: int, world: int, logs: str, out: str) -> None:
+    """One rank of a 2-rank gloo run: its sync events per step, into ``out``.rank."""
+    import json
+    import os
+
+    from _pytest.monkeypatch import MonkeyPatch
+
+    from lcl_fast import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    patch = MonkeyPatch()
+    patch.setattr(train.D, "cleanup", lambda **kw: None)  # the spawning harness owns the process group
+    try:
+        steps = count_syncs_per_step(patch, [*ARGS, "--logs", logs, "--name", "syncs2"])
+    finally:
+        patch.undo()
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(steps, f)
+
+
+def test_two_ranks_sync_twice_a_step(corpus_cache, tmp_path):
+    """Several ranks: the step's agreement (one all-reduce) and the contrastive loss's pair counts (one
+    all-gather: under NCCL their ranks' counts reach the host through the device)."""
+    import json
+
+    from tests._dist import spawn_gloo
+
+    spawn_gloo(_rank_syncs, 2, str(tmp_path / "logs"), str(tmp_path / "syncs"), timeout_s=240)
+    for rank in range(2):
+        steps = json.loads((tmp_path / f"syncs.{rank}").read_text())
+        assert len(steps) == 8
+        report = "\n".join(f"step {i + 1}: {len(e)}: {e}" for i, e in enumerate(steps))
+        for i, events in enumerate(steps[1:-1], start=2):
+            budget = 3 if i in LOG_STEPS else 2
+            assert len(events) <= budget, f"rank {rank} step {i}: {len(events)} host syncs, budget {budget}\n{report}"
