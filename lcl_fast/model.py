@@ -25,6 +25,20 @@ from .nn.transformer import LayerNorm
 from .targets import PAD_ID, loss_targets
 
 
+@torch.compiler.disable
+def _targets_outside_graph(
+    model: LCL, text: torch.Tensor, doc_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """:meth:`LCL.batch_targets` for a compiled forward that was not handed them: run eagerly, so that
+    the graph breaks once, at this call, instead of at each of its value-dependent selections
+    (``nonzero``). Their lengths vary from batch to batch: marked dynamic for the graph that resumes
+    after the break, which then compiles once for every count."""
+    targets = model.batch_targets(text, doc_ids, position_ids)
+    for t in targets.values():
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return targets
+
+
 class LCL(nn.Module):
     def __init__(
         self,
@@ -283,7 +297,8 @@ class LCL(nn.Module):
         ``pair_text_index``/``pair_image_index``/``gen_index``: :meth:`batch_targets` of this batch
         (all three or none; computed here when absent). With them, and under ``torch.compile``
         (which skips the value checks: call :meth:`check_inputs` first), nothing in the forward
-        depends on token values through a shape: one graph, no break. ``check=False``: the caller ran
+        depends on token values through a shape: one graph, no break (without them, as open_clip's trainer
+        calls it, a compiled forward breaks once, where it selects them eagerly). ``check=False``: the caller ran
         :meth:`check_inputs` on this batch already (the training step does), so eager mode skips it too.
         """
         if image is None:
@@ -305,7 +320,8 @@ class LCL(nn.Module):
         if text is None:
             return {"image_features": F.normalize(pooled, dim=-1), "image_embs": image_embs}
         if not all(t is not None for t in (pair_text_index, pair_image_index, gen_index)):
-            targets = self.batch_targets(text, doc_ids, position_ids)  # compiled without targets: breaks here
+            # compiled without targets (open_clip's trainer calls model(images, text)): one deliberate break
+            targets = _targets_outside_graph(self, text, doc_ids, position_ids)
             pair_text_index, pair_image_index = targets["pair_text_index"], targets["pair_image_index"]
             gen_index = targets["gen_index"]
 
