@@ -7,6 +7,7 @@ loader's own host-side work is not counted (on a GPU it runs on host tensors).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lcl_fast.ops import linear_cross_entropy as lce
@@ -56,8 +57,9 @@ def count_syncs_per_step(monkeypatch, argv: list[str]) -> list[list[tuple[str, s
     return [counter.events[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def test_one_rank_reads_the_device_once_a_step(train_env, monkeypatch):
-    steps = count_syncs_per_step(monkeypatch, [*ARGS, "--logs", str(train_env), "--name", "syncs"])
+@pytest.mark.parametrize("extra", [[], ["--grad-clip-norm", "1.0", "--accum-freq", "2"]], ids=["plain", "clip-accum"])
+def test_one_rank_reads_the_device_once_a_step(train_env, monkeypatch, extra):
+    steps = count_syncs_per_step(monkeypatch, [*ARGS, "--logs", str(train_env), "--name", "syncs", *extra])
     assert len(steps) == 8
     report = "\n".join(f"step {i + 1}: {len(e)}: {e}" for i, e in enumerate(steps))
     for i, events in enumerate(steps[1:-1], start=2):  # step 1 warms up; the last one saves
@@ -101,3 +103,22 @@ def test_two_ranks_sync_twice_a_step(corpus_cache, tmp_path):
         for i, events in enumerate(steps[1:-1], start=2):
             budget = 3 if i in LOG_STEPS else 2
             assert len(events) <= budget, f"rank {rank} step {i}: {len(events)} host syncs, budget {budget}\n{report}"
+
+
+def test_losses_read_late_fill_the_same_summary_windows():
+    """Losses wait on the device until a log step or checkpoint reads them: the summary's first and last
+    windows are those of every good step, in order, whenever the reads happen."""
+    trainer = object.__new__(loop.Trainer)
+    trainer.state, trainer._pending = loop.TrainState(), []
+    good = []
+    for i in range(37):
+        skipped = i in (4, 20)
+        losses = torch.tensor([float(i), i + 0.5, i + 0.25]) * (float("nan") if skipped else 1.0)
+        trainer.state.step = i + 1
+        trainer._track(loop.StepResult(losses, torch.tensor(1.0), skipped, False))
+        good += [] if skipped else [losses.tolist()]
+        if i == 28:  # 27 good steps pending by then: more than both windows need
+            trainer._flush_losses()
+    trainer._flush_losses()
+    assert trainer.state.first_losses == good[: loop.WINDOW] and trainer.state.last_losses == good[-loop.WINDOW:]
+    assert not trainer._pending
