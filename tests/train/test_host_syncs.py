@@ -122,3 +122,24 @@ def test_losses_read_late_fill_the_same_summary_windows():
     trainer._flush_losses()
     assert trainer.state.first_losses == good[: loop.WINDOW] and trainer.state.last_losses == good[-loop.WINDOW:]
     assert not trainer._pending
+
+
+def test_input_checks_read_the_loaders_host_counts(golden_dir):
+    """A loader batch brings its text's counts (computed on the host): the checks read nothing from the
+    device, and still refuse a batch whose images do not match its text."""
+    from lcl_fast.targets import loss_targets, text_stats
+    from lcl_fast.training.step import prepare_batch
+    from tests.compile.test_compiled_step import _batches, _golden_model
+
+    golden = torch.load(golden_dir / "paired_a.pt")
+    model, _ = _golden_model(golden, "torch")
+    batch = _batches(golden, [[0, 1, 2, 3, 4, 5]])[0]
+    ids = model.target_token_ids
+    batch.update(target_token_ids=ids, targets=loss_targets(batch["text_ids"], None, None, ids),
+                 text_stats=text_stats(batch["text_ids"], ids))
+    with SyncCounter() as counter:
+        prepare_batch(model, batch)
+    assert counter.events == []
+    batch["images"] = batch["images"][:5]  # one image short
+    with pytest.raises(ValueError, match="img_placehold"):
+        prepare_batch(model, batch)
