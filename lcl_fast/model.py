@@ -25,6 +25,20 @@ from .nn.transformer import LayerNorm
 from .targets import PAD_ID, loss_targets
 
 
+@torch.compiler.disable
+def _targets_outside_graph(
+    model: LCL, text: torch.Tensor, doc_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """:meth:`LCL.batch_targets` for a compiled forward that was not handed them: run eagerly, so that
+    the graph breaks once, at this call, instead of at each of its value-dependent selections
+    (``nonzero``). Their lengths vary from batch to batch: marked dynamic for the graph that resumes
+    after the break, which then compiles once for every count."""
+    targets = model.batch_targets(text, doc_ids, position_ids)
+    for t in targets.values():
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return targets
+
+
 class LCL(nn.Module):
     def __init__(
         self,
@@ -102,10 +116,13 @@ class LCL(nn.Module):
                 f"images must be [n_images, 3, {size}, {size}] for this config, got {list(images.shape)}"
             )
 
-    def _check_text(self, text: torch.Tensor, n_images: int, *, check_soi: bool = True) -> None:
+    def _check_text(
+        self, text: torch.Tensor, n_images: int, *, check_soi: bool = True, stats: Optional[tuple] = None
+    ) -> None:
         """Token ids in range, one placeholder run and (with ``check_soi``) one ``<start_of_img>`` per image.
 
-        The counts are read back in one transfer: a single host sync per forward on a GPU.
+        The counts are read back in one transfer: a single host sync per forward on a GPU; none when
+        ``stats`` brings them (:func:`lcl_fast.targets.text_stats`, computed by the loader on the host).
         """
         if text.dim() != 2 or text.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"text must be an integer tensor [batch, length], got {text.dtype} {list(text.shape)}")
@@ -113,9 +130,12 @@ class LCL(nn.Module):
             raise ValueError(f"text length {text.shape[1]} exceeds context_length {self.text.context_length}")
         if not text.numel():
             return
-        lo, hi, n_placeholders, n_soi = torch.stack(
-            [text.min(), text.max(), (text == self.img_id).sum(), (text == self.soi_id).sum()]
-        ).tolist()
+        if stats is not None:
+            lo, hi, n_placeholders, n_soi = stats
+        else:
+            lo, hi, n_placeholders, n_soi = torch.stack(
+                [text.min(), text.max(), (text == self.img_id).sum(), (text == self.soi_id).sum()]
+            ).tolist()
         if lo < 0 or hi >= self.text.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.text.vocab_size}), got min {lo} max {hi}")
         if n_placeholders != n_images * self.num_img_token:
@@ -169,7 +189,9 @@ class LCL(nn.Module):
         if text.numel():
             no_soi = ~(text == self.soi_id).any(dim=1)
             text = torch.cat([text[:, :-1], torch.where(no_soi, self.soi_id, text[:, -1]).unsqueeze(1)], dim=1)
-        x = self._run_text(self.text.token_embedding(text).to(self._text_dtype()))
+        # The Triton kernel skips the tiles of trailing padding (evaluation pads texts to a few lengths).
+        doc_ids = self.padding_doc_ids(text) if text.numel() and resolve_impl(self.impl, text) == "triton" else None
+        x = self._run_text(self.text.token_embedding(text).to(self._text_dtype()), doc_ids=doc_ids)
         feats = self.text.project(x[text == self.soi_id])
         return F.normalize(feats, dim=-1) if normalize else feats
 
@@ -251,11 +273,14 @@ class LCL(nn.Module):
         doc_ids: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         targets: Optional[dict] = None,
+        text_stats: Optional[tuple] = None,
     ) -> None:
         """The checks that read token values (one host sync): ``forward`` runs them in eager mode;
-        a compiled forward skips them, and the training loop calls this once per batch instead."""
+        a compiled forward skips them, and the training loop calls this once per batch instead.
+        ``text_stats``: :func:`lcl_fast.targets.text_stats` of ``text`` with this model's
+        :attr:`target_token_ids`, computed on the host (the loader does): then nothing is read back."""
         self._check_images(image)
-        self._check_text(text, image.shape[0])
+        self._check_text(text, image.shape[0], stats=text_stats)
         for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if t is not None and t.shape != text.shape:
                 raise ValueError(f"{name} shape {list(t.shape)} != text shape {list(text.shape)}")
@@ -277,13 +302,16 @@ class LCL(nn.Module):
         pair_text_index: Optional[torch.Tensor] = None,
         pair_image_index: Optional[torch.Tensor] = None,
         gen_index: Optional[torch.Tensor] = None,
+        check: bool = True,
     ) -> dict:
         """Images ``[N, 3, S, S]`` and interleaved token ids ``[B, L]`` → the loss's inputs.
 
         ``pair_text_index``/``pair_image_index``/``gen_index``: :meth:`batch_targets` of this batch
         (all three or none; computed here when absent). With them, and under ``torch.compile``
         (which skips the value checks: call :meth:`check_inputs` first), nothing in the forward
-        depends on token values through a shape: one graph, no break.
+        depends on token values through a shape: one graph, no break (without them, as open_clip's trainer
+        calls it, a compiled forward breaks once, where it selects them eagerly). ``check=False``: the caller ran
+        :meth:`check_inputs` on this batch already (the training step does), so eager mode skips it too.
         """
         if image is None:
             raise ValueError("LCL.forward needs images (use encode_text for text-only features)")
@@ -297,13 +325,15 @@ class LCL(nn.Module):
                 targets = self.batch_targets(text, doc_ids, position_ids)
                 pair_text_index, pair_image_index = targets["pair_text_index"], targets["pair_image_index"]
                 gen_index = targets["gen_index"]
-            self.check_inputs(image, text, doc_ids=doc_ids, position_ids=position_ids, targets={
-                "pair_text_index": pair_text_index, "pair_image_index": pair_image_index})
+            if check:
+                self.check_inputs(image, text, doc_ids=doc_ids, position_ids=position_ids, targets={
+                    "pair_text_index": pair_text_index, "pair_image_index": pair_image_index})
         pooled, image_embs = self._encode_image(image)
         if text is None:
             return {"image_features": F.normalize(pooled, dim=-1), "image_embs": image_embs}
         if not all(t is not None for t in (pair_text_index, pair_image_index, gen_index)):
-            targets = self.batch_targets(text, doc_ids, position_ids)  # compiled without targets: breaks here
+            # compiled without targets (open_clip's trainer calls model(images, text)): one deliberate break
+            targets = _targets_outside_graph(self, text, doc_ids, position_ids)
             pair_text_index, pair_image_index = targets["pair_text_index"], targets["pair_image_index"]
             gen_index = targets["gen_index"]
 

@@ -49,3 +49,14 @@ def loss_targets(
         "pair_image_index": pair_image,
         "gen_index": torch.nonzero(mask.flatten()).squeeze(1),
     }
+
+
+def text_stats(text: torch.Tensor, token_ids: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """``(min id, max id, <img_placehold> count, <start_of_img> count)`` of ``text``: what
+    :meth:`lcl_fast.model.LCL.check_inputs` reads. The loader computes them on the host, where the
+    tokens already are, so that the training step reads nothing back from the device to check them."""
+    if not text.numel():
+        return (0, 0, 0, 0)
+    soi_id, img_id = token_ids[0], token_ids[1]
+    lo, hi, n_img, n_soi = torch.stack([text.min(), text.max(), (text == img_id).sum(), (text == soi_id).sum()])
+    return int(lo), int(hi), int(n_img), int(n_soi)

@@ -247,6 +247,7 @@ class TrainLoader:
         if token_ids is not None:  # counted and selected on the host: the step reads nothing back
             batch["target_token_ids"] = token_ids
             batch["targets"] = {k: move(v) for k, v in raw["targets"].items()}
+            batch["text_stats"] = raw["text_stats"]
             batch["counts"] = sample_token_counts(raw["text_ids"], raw["doc_ids"], token_ids[3])
         return batch
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..targets import PAD_ID, loss_targets, target_token_ids
+from ..targets import PAD_ID, loss_targets, target_token_ids, text_stats
 
 
 @dataclass
@@ -105,15 +105,17 @@ def collate(bins: Sequence[Sequence[Row]], context_length: int, packed: bool) ->
 
 
 def add_targets(batch: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """Add the losses' index tensors (:func:`lcl_fast.targets.loss_targets`) and the token ids they
-    were computed with (``target_token_ids``) to a collated batch, when ``tokenizer`` names LCL's
-    special tokens; the training step uses them when the model's ids agree."""
+    """Add the losses' index tensors (:func:`lcl_fast.targets.loss_targets`), the counts the model's
+    input checks read (``text_stats``) and the token ids they were computed with (``target_token_ids``)
+    to a collated batch, when ``tokenizer`` names LCL's special tokens; the training step uses them
+    when the model's ids agree."""
     special = getattr(tokenizer, "special_token_ids", None)
     try:
         token_ids = target_token_ids(special)
     except (KeyError, TypeError):
         return batch
     batch["targets"] = loss_targets(batch["text_ids"], batch.get("doc_ids"), batch.get("position_ids"), token_ids)
+    batch["text_stats"] = text_stats(batch["text_ids"], token_ids)
     batch["target_token_ids"] = token_ids
     return batch
 
@@ -153,6 +155,7 @@ def drop_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
     if out.get("target_token_ids") is not None:
         token_ids = out["target_token_ids"]
         out["targets"] = loss_targets(out["text_ids"], out.get("doc_ids"), out.get("position_ids"), token_ids)
+        out["text_stats"] = text_stats(out["text_ids"], token_ids)
     return out
 
 

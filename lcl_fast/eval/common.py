@@ -4,7 +4,9 @@ Text features are taken as the reference takes them: ``<sot> text <eot>`` with `
 into ``<start_of_img>`` (cut texts keep it in the last slot); the feature is the normalised
 ``ln_final(h) @ text_projection`` there (``LCL.encode_text``). Rows are trimmed to their longest
 real token before the text model runs: attention is causal, so trailing padding never changes
-the feature, and trimming makes a 2048-token model's prompts cheap.
+the feature, and trimming makes a 2048-token model's prompts cheap. On the Triton path the rows
+are then padded up to a length bucket (:func:`text_bucket`), so that the attention kernels are
+compiled and tuned for a few lengths, not for every new one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._impl import resolve_impl
 from ..errors import UserError, add_debug_flag
 
 log = logging.getLogger("lcl_fast.eval")
@@ -54,6 +57,28 @@ def encode_images(
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim, device=device)
 
 
+TEXT_BUCKET_MIN = 32  # the shortest bucket: one attention tile at the GPU tiles' sizes
+
+
+def text_bucket(length: int, context_length: int) -> int:
+    """The length evaluation runs ``length`` tokens at: the next power of two (at least
+    :data:`TEXT_BUCKET_MIN`), at most ``context_length``."""
+    return min(max(TEXT_BUCKET_MIN, 1 << max(length - 1, 0).bit_length()), context_length)
+
+
+def _padded_length(model, ids: torch.Tensor, used: int, device: torch.device) -> int:
+    """The columns of ``ids`` to run: ``used`` (its longest row), padded to :func:`text_bucket` where the
+    text attention is the Triton kernel (it compiles and tunes per length; its trailing pad tiles are
+    skipped, so the features are the same bits). The torch path runs ``used``: nothing to tune there,
+    and its CPU kernels sum in a length-dependent order. A row without ``<end_of_text>`` gets its feature
+    token in the last column (``LCL.encode_text``), which padding would move: such a batch runs unpadded
+    (the tokenizer always writes one)."""
+    if resolve_impl(getattr(model, "impl", "auto"), torch.empty(0, device=device)) != "triton":
+        return used
+    ends = (ids[:, :used] == model.eot_id) | (ids[:, :used] == model.soi_id)
+    return text_bucket(used, ids.shape[1]) if bool(ends.any(1).all()) else used
+
+
 @torch.no_grad()
 def encode_texts(
     model,
@@ -72,7 +97,8 @@ def encode_texts(
         ids = tokenizer(list(texts[start : start + batch_size]), context_length)
         used = int((ids != 0).any(0).nonzero().max()) + 1 if ids.numel() else 1
         with autocast():
-            feats = model.encode_text(ids[:, :used].to(device), normalize=False)
+            feats = model.encode_text(ids[:, : _padded_length(model, ids, used, device)].to(device),
+                                      normalize=False)
         out.append(F.normalize(feats.float(), dim=-1))
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim, device=device)
 

@@ -73,7 +73,12 @@ def _world_size(group) -> int:
 
 
 def _gather_counts(n: int, device: torch.device, group) -> list[int]:
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    """Every rank's row count ``n`` (a host int: a shape). NCCL gathers device tensors: the count goes
+    there without a wait, and the gathered counts come back in one read (with several ranks on GPUs,
+    the step's one host sync besides its non-finite check); gloo gathers them in host memory."""
+    mine = torch.tensor([n], dtype=torch.int64)
+    if "nccl" in str(dist.get_backend(group)):
+        mine = mine.to(device, non_blocking=True)
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
     return torch.cat(parts).tolist()

@@ -113,8 +113,10 @@ def average_grads(params: list[nn.Parameter], env: DistEnv) -> None:
         p.grad.copy_(g.view_as(p.grad))
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm of the gradients (clipped to ``max_norm`` if finite), sharded (DTensor) or not."""
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients (clipped to ``max_norm`` if finite), sharded (DTensor) or not.
+
+    A float32 0-dim tensor on the gradients' device: nothing is read back to the host here."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
@@ -126,13 +128,13 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
             norm = torch.nn.utils.get_total_norm(group)
             norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float())
     if not norms:
-        return 0.0
+        return torch.zeros((), device=params[0].device if params else None)
     total = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm != float("inf"):
         for group in (sharded, plain):
             if group:
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return float(total)
+    return total
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -182,6 +184,22 @@ def any_true(flags: list[bool], env: DistEnv) -> list[bool]:
     t = torch.tensor([float(f) for f in flags], device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def agree_step(bad: torch.Tensor, stop: bool, counts: tuple[int, int], env: DistEnv) -> tuple[bool, bool, int, int]:
+    """``(bad on any rank, stop on any rank, samples, tokens summed over ranks)`` of one step, in one read.
+
+    ``bad`` is a 0-dim bool tensor on this rank's device (a non-finite loss or norm), ``stop`` and
+    ``counts`` are host values. One small all-reduce (several ranks), then one device-to-host read:
+    the step's only host sync on one rank. The host values travel to the device without waiting.
+    """
+    if not env.distributed:
+        return bool(bad), stop, counts[0], counts[1]
+    host = torch.tensor([int(stop), counts[0], counts[1]], dtype=torch.int64)
+    t = torch.cat([bad.reshape(1).to(torch.int64), host.to(bad.device, non_blocking=True)])
+    dist.all_reduce(t)
+    n_bad, n_stop, samples, tokens = t.tolist()
+    return n_bad > 0, n_stop > 0, samples, tokens
 
 
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:

@@ -1,8 +1,10 @@
 """The training loop: one optimizer step over ``accum_freq`` micro-batches, faults, checkpoints, evaluation.
 
 A step: forward + backward of each micro-batch (DDP syncs gradients on the last one only), then
-one check agreed by all ranks (a single all-reduce of two flags): was any loss or gradient norm
-non-finite, did any rank receive SIGTERM. A non-finite step is skipped (no update; counted,
+one check agreed by all ranks (a single all-reduce of two flags and the step's sample/token counts):
+was any loss or gradient norm non-finite, did any rank receive SIGTERM. Reading that check is the
+step's one host sync on a GPU: losses and the gradient norm stay on the device and are read
+(together, in one transfer) only on log steps. A non-finite step is skipped (no update; counted,
 logged); ``max_nonfinite_steps`` in a row stop the run with a checkpoint. SIGTERM saves a
 checkpoint and ends the run cleanly.
 """
@@ -32,7 +34,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (
     DistEnv,
-    any_true,
+    agree_step,
     average_grads,
     clip_grad_norm,
     gather_objects,
@@ -72,12 +74,22 @@ class TrainState:
 
 @dataclass
 class StepResult:
-    loss: float
-    contrastive_loss: float
-    caption_loss: float
-    grad_norm: float
+    """One step's outcome. ``losses`` (loss, contrastive, caption) and ``grad_norm`` stay on the device
+    (reading them is a host sync): :meth:`read` gives them as floats."""
+
+    losses: torch.Tensor  # float32 [3]
+    grad_norm: torch.Tensor  # float32 0-dim
     skipped: bool
     stop_requested: bool
+    samples: int = 0  # this step's samples and tokens, all ranks
+    tokens: int = 0
+
+    def read(self) -> tuple[float, float, float, float]:
+        """(loss, contrastive, caption, grad norm), in one transfer."""
+        loss, contrastive, caption, norm = torch.cat(
+            [self.losses, self.grad_norm.reshape(1).to(self.losses.device)]
+        ).tolist()
+        return loss, contrastive, caption, norm
 
 
 class StopFlag:
@@ -143,6 +155,8 @@ class Trainer:
         # FSDP2 leaves the scalar parameters replicated: their gradients are averaged here.
         self._replicated = scalar_params(unwrap(model)) if cfg.fsdp else []
         self.last_checkpoint: Optional[Path] = None
+        self._pending: list[torch.Tensor] = []  # losses [3] of good steps not yet in first/last_losses
+        self._shown: dict[str, str] = {"loss": "-"}  # the progress bar's loss, as of the last log step
         # model + loss, compiled as one graph with --torchcompile (value checks stay eager, per batch)
         self.step_fn = StepFunction(model, loss_fn, compile=cfg.torchcompile)
         self._optimizer_step = optimizer.step
@@ -178,15 +192,21 @@ class Trainer:
         contrastive = torch.stack([c for c, _ in parts]).mean()
         caption = torch.stack([g for _, g in parts]).mean()
         average_grads(self._replicated, self.env)
-        loss = float(contrastive + caption)
+        losses = torch.stack([contrastive + caption, contrastive, caption])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         # Every rank computes the norm, finite loss or not: under FSDP2 it is a collective.
         max_norm = self.cfg.grad_clip_norm if self.cfg.grad_clip_norm is not None else math.inf
         grad_norm = clip_grad_norm(self._params, max_norm)
         # Under fp16 AMP a gradient overflow is routine: the scaler skips that step by itself.
-        bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and self.scaler is None)
-        bad, stop = any_true([bad, self.stop.signal is not None], self.env)
+        bad = ~torch.isfinite(losses[0])
+        if self.scaler is None:
+            bad = bad | ~torch.isfinite(grad_norm.to(bad.device))
+        pad_id = getattr(unwrap(self.model), "pad_id", 0)
+        counts = [batch_counts(b, pad_id) for b in micro_batches]  # the loader's, counted on the host
+        bad, stop, samples, tokens = agree_step(
+            bad, self.stop.signal is not None, (sum(c[0] for c in counts), sum(c[1] for c in counts)), self.env
+        )  # the step's one host sync
         if bad:
             if self.scaler is not None:
                 self.scaler.update()  # close the scaler's step (unscale_ ran)
@@ -199,11 +219,12 @@ class Trainer:
         if not bad:
             clamp_logit_scale(unwrap(self.model))
         self.scheduler.step()
-        return StepResult(loss, float(contrastive), float(caption), grad_norm, bad, stop)
+        return StepResult(losses.detach(), grad_norm.detach(), bad, stop, samples, tokens)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_payload(self) -> dict:
         """Everything to continue exactly; collective (every rank must call it)."""
+        self._flush_losses()
         module = unwrap(self.model)
         payload = {
             "step": self.state.step,
@@ -258,28 +279,44 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ------------------------------------------------------------------ the loop
-    def _count(self, micro_batches: list[dict]) -> tuple[int, int]:
-        """(samples, tokens) this step trained on, summed over micro-batches and ranks."""
-        pad_id = getattr(unwrap(self.model), "pad_id", 0)
-        counts = [batch_counts(b, pad_id) for b in micro_batches]
-        samples, tokens = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        if self.env.distributed:  # ranks pack different numbers of documents
-            t = torch.tensor([samples, tokens], dtype=torch.int64, device=self.env.device)
-            torch.distributed.all_reduce(t)
-            samples, tokens = (int(v) for v in t.tolist())
-        return samples, tokens
+    def _read_logged(self, result: StepResult) -> list[float]:
+        """(loss, contrastive, caption, grad norm, logit scale) of this step, and the pending losses into
+        the summary's windows: one device-to-host transfer."""
+        scale = unwrap(self.model).logit_scale.detach().float().exp().mean()
+        device = result.losses.device
+        parts = [result.losses, result.grad_norm.reshape(1).to(device), scale.reshape(1).to(device)]
+        pending, self._pending = self._pending, []
+        values = torch.cat([*parts, *pending]).tolist()
+        self._add_losses([values[5 + 3 * i:8 + 3 * i] for i in range(len(pending))])
+        return values[:5]
+
+    def _flush_losses(self) -> None:
+        """Read the pending losses into ``first_losses``/``last_losses`` (one transfer; before a checkpoint
+        or the summary)."""
+        pending, self._pending = self._pending, []
+        if pending:
+            self._add_losses(torch.stack(pending).tolist())
+
+    def _add_losses(self, rows: list[list[float]]) -> None:
+        s = self.state
+        for losses in rows:
+            if len(s.first_losses) < WINDOW:
+                s.first_losses.append(losses)
+            s.last_losses = (s.last_losses + [losses])[-WINDOW:]
 
     def _record(self, result: StepResult, rates: tuple[float, float]) -> None:
         s = self.state
+        loss, contrastive, caption, grad_norm, logit_scale = self._read_logged(result)
+        self._shown["loss"] = f"{loss:.3f}"
         record = {
             "step": s.step,
             "epoch": s.step / self.steps_per_epoch,
-            "loss": result.loss,
-            "contrastive_loss": result.contrastive_loss,
-            "caption_loss": result.caption_loss,
+            "loss": loss,
+            "contrastive_loss": contrastive,
+            "caption_loss": caption,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "grad_norm": result.grad_norm,
-            "logit_scale": float(unwrap(self.model).logit_scale.detach().float().exp().mean()),
+            "grad_norm": grad_norm,
+            "logit_scale": logit_scale,
             "samples_per_s": rates[0],
             "tokens_per_s": rates[1],
             "skipped_nonfinite": s.skipped_nonfinite,
@@ -295,21 +332,24 @@ class Trainer:
         if result.skipped:
             s.skipped_nonfinite += 1
             s.nonfinite_in_row += 1
+            loss, _, _, grad_norm = result.read()  # a rare step: reading it costs nothing that matters
             log.warning(
                 "step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped "
                 "(%d in a row, %d in all)",
                 s.step,
-                result.loss,
-                result.grad_norm,
+                loss,
+                grad_norm,
                 s.nonfinite_in_row,
                 s.skipped_nonfinite,
             )
             return
         s.nonfinite_in_row = 0
-        losses = [result.loss, result.contrastive_loss, result.caption_loss]
-        if len(s.first_losses) < WINDOW:
-            s.first_losses.append(losses)
-        s.last_losses = (s.last_losses + [losses])[-WINDOW:]
+        # Kept on the device until the next log step or checkpoint reads them all at once; only those
+        # that can still land in the first or the last WINDOW are kept.
+        self._pending.append(result.losses)
+        keep_first = max(WINDOW - len(s.first_losses), 0)
+        if len(self._pending) > keep_first + WINDOW:
+            del self._pending[keep_first]
 
     def _epoch_end_tasks(self) -> None:
         cfg, s = self.cfg, self.state
@@ -336,7 +376,7 @@ class Trainer:
                 compiled_before = compilations()
                 micro_batches = [self._next_batch() for _ in range(cfg.accum_freq)]
                 result = self.train_step(micro_batches)
-                samples, tokens = self._count(micro_batches)
+                samples, tokens = result.samples, result.tokens
                 seconds = time.perf_counter() - t0
                 s.step += 1
                 s.samples += samples
@@ -357,7 +397,7 @@ class Trainer:
                     self._record(result, rates)
                 self.recorder.advance(
                     {
-                        "loss": f"{result.loss:.3f}",
+                        "loss": self._shown["loss"],  # as of the last log step: no read per step
                         "lr": f"{float(self.optimizer.param_groups[0]['lr']):.2e}",
                         "samples/s": f"{rates[0]:.0f}",
                         "tok/s": f"{rates[1]:.0f}",
@@ -379,6 +419,7 @@ class Trainer:
             self.save()
             return None
         finally:
+            self._flush_losses()
             self.recorder.close()
             self.stop.close()
             self._batches = None

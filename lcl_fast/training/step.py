@@ -25,15 +25,19 @@ def prepare_batch(model: nn.Module, batch: dict, *, check: bool = True) -> dict[
     """The model's inputs for ``batch`` (loader dict): images, text, packing ids and :meth:`LCL.batch_targets`
     (the loader's, computed on the host, when its ``target_token_ids`` are the model's).
 
-    ``check`` runs :meth:`LCL.check_inputs` (clear errors on bad token ids; one host sync).
+    ``check`` runs :meth:`LCL.check_inputs` (clear errors on bad token ids), on the loader's host-side
+    ``text_stats`` when it has them (else one host sync).
     """
     lcl = unwrap(model)
     text, doc_ids, position_ids = batch["text_ids"], batch.get("doc_ids"), batch.get("position_ids")
-    targets = batch.get("targets")
-    if targets is None or tuple(batch.get("target_token_ids") or ()) != lcl.target_token_ids:
+    from_loader = tuple(batch.get("target_token_ids") or ()) == lcl.target_token_ids
+    targets = batch.get("targets") if from_loader else None
+    if targets is None:
         targets = lcl.batch_targets(text, doc_ids, position_ids)
     if check:
-        lcl.check_inputs(batch["images"], text, doc_ids=doc_ids, position_ids=position_ids, targets=targets)
+        stats = batch.get("text_stats") if from_loader else None
+        lcl.check_inputs(batch["images"], text, doc_ids=doc_ids, position_ids=position_ids, targets=targets,
+                         text_stats=stats)
     return {"images": batch["images"], "text": text, "doc_ids": doc_ids, "position_ids": position_ids, **targets}
 
 
@@ -56,10 +60,11 @@ def model_and_loss(
     pair_image_index: torch.Tensor,
     gen_index: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted contrastive loss, weighted generation loss) of one batch: the compiled region."""
+    """(weighted contrastive loss, weighted generation loss) of one batch: the compiled region.
+    The inputs come from :func:`prepare_batch`, which checked them: the forward does not again."""
     out = model(
         images, text, doc_ids=doc_ids, position_ids=position_ids,
-        pair_text_index=pair_text_index, pair_image_index=pair_image_index, gen_index=gen_index,
+        pair_text_index=pair_text_index, pair_image_index=pair_image_index, gen_index=gen_index, check=False,
     )  # fmt: skip
     losses = loss_fn(**out, output_dict=True)
     return losses["contrastive_loss"], losses["caption_loss"]
