@@ -143,7 +143,8 @@ class Trainer:
         # FSDP2 leaves the scalar parameters replicated: their gradients are averaged here.
         self._replicated = scalar_params(unwrap(model)) if cfg.fsdp else []
         self.last_checkpoint: Optional[Path] = None
-        # model + loss, compiled as one graph with --torchcompile (value checks stay eager, per batch)
+        # --torchcompile: model + loss as one graph (value checks stay eager, per batch); under DDP the
+        # module, under FSDP2 each block (step.compile_wrapped)
         self.step_fn = StepFunction(model, loss_fn, compile=cfg.torchcompile)
         # this process's first step, and its steps that compiled nothing: compile_seconds()
         self._first_step_seconds: Optional[float] = None
