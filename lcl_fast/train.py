@@ -193,7 +193,8 @@ def build_trainer(cfg: TrainConfig, env: D.DistEnv, run_dir: Path) -> tuple[Trai
     tokenizer = get_tokenizer(context_length=model.text.context_length)
     loader = build_loader(cfg, env, tokenizer, model)
     total_steps, steps_per_epoch = schedule_length(cfg, loader)
-    wrapped = D.wrap_model(model, env, fsdp=cfg.fsdp)  # before the optimizer: FSDP2 swaps the parameters
+    # before the optimizer: FSDP2 swaps the parameters
+    wrapped = D.wrap_model(model, env, fsdp=cfg.fsdp, precision=precision)
     optimizer, scheduler, scaler, warmup = build_optimization(cfg, model, total_steps, precision, env)
     seed_all(cfg.seed + env.rank)
     recorder = RunRecorder(run_dir, env, tensorboard=cfg.report_to == "tensorboard", progress=cfg.progress)
@@ -225,8 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(cfg: TrainConfig) -> int:
     """One run of a parsed config (see :func:`main`)."""
     t_start = time.perf_counter()
-    env = D.setup(cfg.device)
     try:
+        env = D.setup(cfg.device)  # ConfigError: no GPU, or more ranks than GPUs on this node
         if env.distributed and not cfg.local_loss:
             raise ConfigError("--no-local-loss: LCL's contrastive loss needs --local-loss when distributed")
         run_dir = prepare_run_dir(cfg, env)

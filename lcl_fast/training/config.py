@@ -290,6 +290,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--report-to {cfg.report_to!r}: only 'tensorboard' (or '' / 'none') is supported")
     _check_model(cfg)
     _check_paths(cfg)
+    if cfg.optimizer == "apex_fused_adam" and cfg.fsdp:
+        raise ConfigError(
+            "--optimizer apex_fused_adam with --fsdp: apex's FusedAdam takes plain CUDA tensors and FSDP2's "
+            "parameters are sharded DTensors; use --optimizer adamw (fused on CUDA)"
+        )
     if cfg.optimizer == "apex_fused_adam" and not _apex_fused_adam_available():
         raise ConfigError(
             "--optimizer apex_fused_adam needs NVIDIA apex (github.com/NVIDIA/apex), "

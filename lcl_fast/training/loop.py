@@ -157,8 +157,12 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self._pending: list[torch.Tensor] = []  # losses [3] of good steps not yet in first/last_losses
         self._shown: dict[str, str] = {"loss": "-"}  # the progress bar's loss, as of the last log step
-        # model + loss, compiled as one graph with --torchcompile (value checks stay eager, per batch)
+        # --torchcompile: model + loss as one graph (value checks stay eager, per batch); under DDP the
+        # module, under FSDP2 each block (step.compile_wrapped)
         self.step_fn = StepFunction(model, loss_fn, compile=cfg.torchcompile)
+        # this process's first step, and its steps that compiled nothing: compile_seconds()
+        self._first_step_seconds: Optional[float] = None
+        self._steady = [0.0, 0]  # seconds, steps
         self._optimizer_step = optimizer.step
         if cfg.torchcompile and cfg.compile_optimizer:
             self._optimizer_step = torch.compile(optimizer.step, fullgraph=False)
@@ -390,6 +394,10 @@ class Trainer:
                     window.reset()
                     log.info("step %d compiled %d graph(s) in %.1f s", s.step, compilations() - compiled_before,
                              seconds)
+                else:
+                    self._steady = [self._steady[0] + seconds, self._steady[1] + 1]
+                if self._first_step_seconds is None:
+                    self._first_step_seconds = seconds
                 window.add(samples, tokens)
                 self._track(result)
                 if s.step % cfg.log_every_n_steps == 0 or result.skipped or s.step == self.total_steps:
@@ -423,6 +431,14 @@ class Trainer:
             self.recorder.close()
             self.stop.close()
             self._batches = None
+
+    def compile_seconds(self) -> float:
+        """``--torchcompile``: the time compiling added to this process's first step (its seconds minus
+        a step's without compilation; the whole first step when every step compiled). 0 otherwise."""
+        if not self.cfg.torchcompile or self._first_step_seconds is None:
+            return 0.0
+        steady = self._steady[0] / self._steady[1] if self._steady[1] else 0.0
+        return max(self._first_step_seconds - steady, 0.0)
 
     def data_skips(self) -> dict:
         """Data-loader skip counts summed over ranks (collective)."""

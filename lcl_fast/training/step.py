@@ -10,6 +10,7 @@ graph serves them all instead of one per count.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -70,19 +71,60 @@ def model_and_loss(
     return losses["contrastive_loss"], losses["caption_loss"]
 
 
-class StepFunction:
-    """``model_and_loss`` over a prepared batch; with ``compile``, through one ``torch.compile``'d callable.
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
 
-    ``fullgraph=True``: a graph break inside model or loss is an error, not a silent slowdown.
-    ``backend``/``mode`` pass to ``torch.compile`` (tests use ``"aot_eager"``).
+    return isinstance(module, FSDPModule)
+
+
+def residual_blocks(lcl: nn.Module) -> list[nn.Module]:
+    """The residual blocks of both towers (what FSDP2 shards one by one)."""
+    return [block for tower in (lcl.visual, lcl.text) for block in tower.transformer.resblocks]
+
+
+def compile_wrapped(model: nn.Module, **options: Any) -> str:
+    """Compile the module under a DDP / FSDP2 wrapper so that the wrapper's hooks run outside the graphs.
+
+    Dynamo cannot trace DDP's forward (its reducer bookkeeping) nor FSDP2's hooks (they are marked
+    skipped), so a ``fullgraph`` compile of a function that calls the wrapped model fails. As in
+    torchtitan: under DDP the inner LCL module is compiled whole (``nn.Module.compile``: DDP calls
+    it between its pre- and post-forward); under FSDP2 each residual block is compiled (``fully_shard``
+    wraps each block: its all-gather and reduce-scatter hooks run between the blocks' graphs), and
+    one graph serves every block of a tower. Returns what was compiled (``"module"`` / ``"blocks"``).
+    """
+    lcl = unwrap(model)
+    if _is_fsdp(lcl):
+        for block in residual_blocks(lcl):
+            block.compile(**options)
+        return "blocks"
+    lcl.compile(**options)
+    return "module"
+
+
+class StepFunction:
+    """``model_and_loss`` over a prepared batch; with ``compile``, through ``torch.compile``'d code.
+
+    One process: model + loss compile as one graph. Under DDP / FSDP2 (a wrapped ``model``) the
+    wrapper's hooks run eagerly around the compiled module (DDP) or blocks (FSDP2), see
+    :func:`compile_wrapped`; the loss then runs eagerly: its contrastive half gathers a ragged
+    number of pairs from every rank (counts read on the host), which no graph can hold.
+    ``fullgraph=True``: a graph break inside what is compiled is an error, not a silent slowdown.
+    ``backend``/``mode`` pass to ``torch.compile`` (tests use ``"aot_eager"``); the default backend is
+    ``$LCL_FAST_COMPILE_BACKEND``, else ``"inductor"``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *, compile: bool = False,
-                 backend: Any = "inductor", mode: Optional[str] = None, fullgraph: bool = True) -> None:
+                 backend: Any = None, mode: Optional[str] = None, fullgraph: bool = True) -> None:
         self.model, self.loss_fn, self.compiled = model, loss_fn, compile
         fn: Callable = model_and_loss
+        self.compiled_part = None  # "step" (model + loss) / "module" (DDP) / "blocks" (FSDP2)
         if compile:
-            fn = torch.compile(model_and_loss, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=None)
+            backend = backend or os.environ.get("LCL_FAST_COMPILE_BACKEND") or "inductor"
+            options = {"backend": backend, "mode": mode, "fullgraph": fullgraph, "dynamic": None}
+            if unwrap(model) is model and not _is_fsdp(model):
+                fn, self.compiled_part = torch.compile(model_and_loss, **options), "step"
+            else:
+                self.compiled_part = compile_wrapped(model, **options)
         self._fn = fn
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,7 @@ def summarize(
         "tokens_per_s": s.tokens / s.train_seconds if s.train_seconds else 0.0,
         "samples": s.samples,
         **_steady(s),
+        "compile_seconds": trainer.compile_seconds(),
         "tokens": s.tokens,
         "train_seconds": s.train_seconds,
         "wall_seconds": wall,
@@ -106,7 +107,8 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     )
     if summary["compilations"]:
         lines.append(
-            f"  torch.compile: {summary['compilations']} graph(s) in {summary['warmup_seconds']:.1f} s of warm-up; "
+            f"  torch.compile: {summary['compilations']} graph(s) in {summary['warmup_seconds']:.1f} s of warm-up "
+            f"({summary['compile_seconds']:.1f} s compiling before step 1); "
             f"steady state {summary['steady_samples_per_s']:.1f} samples/s"
         )
     lines.append(f"  run folder: {run_dir}  (out.log, metrics.jsonl, summary.json, curves.png, checkpoints/)")
