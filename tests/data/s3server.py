@@ -9,9 +9,12 @@ the response.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -160,6 +163,22 @@ class S3Server:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_MAX_ATTEMPTS": "1",  # botocore's own retries off: lcl-fast's retries are under test
         }
+
+    @contextlib.contextmanager
+    def environment(self) -> Iterator[S3Server]:
+        """:meth:`env` set in ``os.environ`` while inside, the previous values restored after; the server
+        stops on the way out."""
+        old = {k: os.environ.get(k) for k in self.env()}
+        os.environ.update(self.env())
+        try:
+            yield self
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            self.stop()
 
     def stop(self) -> None:
         self.proxy.sock.close()

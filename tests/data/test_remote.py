@@ -64,15 +64,8 @@ def s3(tmp_path_factory):
             if key.startswith("mmc4/images/"):
                 client.upload_file(str(f), "bkt", "imgs/" + f.name)
     server.local = local
-    old = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield server
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with server.environment():
+        yield server
 
 
 @pytest.fixture(autouse=True)

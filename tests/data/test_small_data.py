@@ -4,7 +4,6 @@ exactly: the buffer holds a stream's data epoch whole, and hands it out before t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -55,15 +54,8 @@ def small(tmp_path_factory):
     for f in sorted(local.rglob("*")):
         if f.is_file():
             client.upload_file(str(f), "bkt", "small/" + f.relative_to(local).as_posix())
-    old = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    yield local
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with server.environment():
+        yield local
 
 
 def _where(small, place: str, name: str) -> str:
