@@ -31,7 +31,7 @@ import torch
 __all__ = [
     "AOT_TARGETS", "AttnTile", "GemmTile", "Target", "attention_candidates", "attention_shared_bytes",
     "attention_tile", "contrastive_tile", "delta_tile", "device_guard", "device_target", "dtype_name",
-    "lm_head_tile",
+    "float32_dot_precision", "lm_head_tile",
 ]
 
 
@@ -108,6 +108,21 @@ def device_target(device: Union[torch.device, int, None] = None) -> Target:
     if isinstance(device, torch.device):
         device = device.index
     return _live_target(torch.cuda.current_device() if device is None else int(device))
+
+
+def float32_dot_precision() -> str:
+    """``"tf32"`` when torch's own float32 matmuls may use TF32, else ``"ieee"`` (exact).
+
+    Reads whichever API the user set: torch >= 2.9's ``torch.backends.cuda.matmul.fp32_precision``
+    (or the global ``torch.backends.fp32_precision`` it inherits) when not ``"none"``, else the legacy
+    ``allow_tf32``. Reading the legacy flag after the new API was used raises ("mix of the legacy
+    and new APIs"); the legacy setters also update the new value, so this order never mixes them.
+    """
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", None)
+    if new is not None and new != "none":
+        return "tf32" if new == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
 
 
 def device_guard(x: torch.Tensor):
