@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcl_fast._impl import triton_available
+from lcl_fast._impl import triton_available, triton_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -84,6 +84,7 @@ def test_gemm_tiles_per_target():
 
 
 @needs_triton
+@pytest.mark.skipif(not triton_interpreter(), reason="CPU tensors with impl='triton' need TRITON_INTERPRET=1")
 def test_attention_grid_folds_batch_heads(monkeypatch):
     """B·H above 65535 (grid dimension 1's limit): one 1-D grid, tile index fastest."""
     import lcl_fast.kernels.attention_launch as launch
@@ -189,3 +190,22 @@ def test_live_target_is_read_from_the_device_properties(monkeypatch):
         assert calls == [1]  # once per device
     finally:
         tiles._live_target.cache_clear()
+
+
+CPU_TRITON_TESTS = [
+    "tests/ops/test_aot_audit.py::test_attention_grid_folds_batch_heads",
+    "tests/ops/test_custom_ops.py::test_contrastive_ops",
+    "tests/ops/test_custom_ops.py::test_linear_cross_entropy_ops",
+    "tests/ops/test_custom_ops.py::test_attention_triton_ops",
+]
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs these for real")
+def test_cpu_triton_tests_skip_when_compiled():
+    """gpu_check runs tests with TRITON_INTERPRET=0: the 5 that hand CPU tensors to impl="triton" skip."""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton or grid", *CPU_TRITON_TESTS]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "5 skipped" in run.stdout and "passed" not in run.stdout, run.stdout[-3000:]
