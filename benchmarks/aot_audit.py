@@ -8,6 +8,13 @@ models' shapes, and records what the compiler reports::
     python -m benchmarks.aot_audit --json audit.json             # everything (~20 CPU-minutes)
     python -m benchmarks.aot_audit --quick --json audit.json     # the CI subset (a minute or so)
     python -m benchmarks.aot_audit --live --compare benchmarks/aot_audit.json   # on a GPU
+    python -m benchmarks.aot_audit --combine a.json b.json --json both.json      # one file, two compilers
+
+The committed ``benchmarks/aot_audit.json`` holds one audit per Triton release (``audits``: the
+compiler, its ptxas per target, the summary and problems; the GPU image's Triton 3.6 and the
+newest supported), each record naming its ``triton``. ``--live`` compares the device's choices
+with the records of the running Triton (else the newest), and compiles them for the device to
+compare registers, spills and shared memory too.
 
 One record per kernel × case × target: ``kernel``, ``target``, ``dtype`` (+ ``precision`` for
 float32), ``head_dim`` or ``dim``, ``config``, ``regs``, ``spill_bytes`` (ptxas spill stores),
@@ -342,16 +349,57 @@ def run(case_list: list[dict], jobs: int) -> list[dict]:
     return [dict(results[key], **case) for key, case in zip(keys, case_list)]
 
 
+# ---------------------------------------------------------------------------- the audit file
+
+
+def _version_key(version: str | None) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version or "0")[:3])
+
+
+def load_audit(path: str) -> tuple[list[dict], list[dict]]:
+    """(audits, records) of an audit file; a file of one compiler (``meta``) reads as one audit."""
+    with open(path) as f:
+        data = json.load(f)
+    if "audits" in data:
+        return data["audits"], data["records"]
+    meta = dict(data.get("meta", {}), summary=data.get("summary", ""))
+    return [meta], [dict(r, triton=r.get("triton", meta.get("triton"))) for r in data["records"]]
+
+
+def write_audit(path: str, audits: list[dict], records: list[dict]) -> None:
+    """One file, newest Triton first; a record per line."""
+    audits = sorted(audits, key=lambda a: _version_key(a.get("triton")), reverse=True)
+    order = {a.get("triton"): i for i, a in enumerate(audits)}
+    records = sorted(records, key=lambda r: order.get(r.get("triton"), len(order)))
+    with open(path, "w") as f:
+        f.write('{\n "audits": ' + json.dumps(audits, indent=1).replace("\n", "\n ") + ',\n "records": [\n')
+        f.write(",\n".join(json.dumps(r, sort_keys=True) for r in records) + "\n ]\n}\n")
+
+
+def records_of(records: list[dict], version: str) -> tuple[str, list[dict]]:
+    """(the Triton release used, its records): ``version``'s when audited, else the newest audited."""
+    versions = sorted({r.get("triton") for r in records}, key=_version_key)
+    use = version if version in versions else (versions[-1] if versions else version)
+    return use, [r for r in records if r.get("triton") == use]
+
+
 # --------------------------------------------------------------------- the live device
 
 
-def compare_live(audit_path: str, live=None) -> int:
+def compare_live(audit_path: str, live=None, measure=None, quick: bool = False, jobs: int = 1,
+                 report: dict | None = None) -> int:
     """Print the live GPU's chosen configurations and whether the audit recorded the same ones.
 
-    ``live``: a :class:`~lcl_fast.kernels.tiles.Target` standing in for the device (tests).
-    Exit status 1 when an audited target's choice differs from (or is missing in) the record.
+    ``live``: a :class:`~lcl_fast.kernels.tiles.Target` standing in for the device (tests, the
+    dry run). ``measure(cases) -> records`` compiles the chosen configurations for the device
+    (:func:`run`): their spills and shared memory are compared with the record too (by default
+    on a real device only). Compared with the records of the running Triton when it was
+    audited, else the newest audited. Exit status 1 when an audited target's choice, spills or
+    shared memory differ from (or are missing in) the record, or a choice spills at a model shape.
+    ``report``: filled with the numbers (what ``gpu_check.sh`` records).
     """
     import torch
+    import triton
     from lcl_fast.kernels import tiles
 
     if live is None:
@@ -360,26 +408,53 @@ def compare_live(audit_path: str, live=None) -> int:
             return 2
         live = tiles.device_target()
         print(f"live device: {torch.cuda.get_device_name()}")
+        if measure is None:
+            measure = lambda todo: run(todo, jobs)
     print(f"target {live.name}, {live.shared_limit} B of shared memory per block")
-    with open(audit_path) as f:
-        recorded = json.load(f)["records"]
+    _, recorded = load_audit(audit_path)
+    version, recorded = records_of(recorded, triton.__version__)
+    print(f"Triton {triton.__version__} here; comparing with the records of Triton {version}"
+          + ("" if version == triton.__version__ else " (this release was not audited)"))
     same_target = [name for name, t in tiles.AOT_TARGETS.items() if t == live]
     if not same_target:
         print(f"{live} is not an audited target: its tiles were not compiled ahead of time; "
               "showing the nearest audited target's records")
     names = same_target or [min(tiles.AOT_TARGETS, key=lambda n: abs(tiles.AOT_TARGETS[n].arch - live.arch))]
     by_case = {case_id(r): r for r in recorded if r["target"] == names[0]}
-    mismatches = 0
-    for case in cases(targets=names):
-        chosen = _live_config(case, live)
+    todo = cases(quick=quick, targets=names)
+    chosen = [dict(case, config=_live_config(case, live)) for case in todo]
+    measured = None
+    if measure is not None and same_target:
+        measured = measure(chosen)
+    mismatches, rows = 0, []
+    for i, case in enumerate(chosen):
         rec = by_case.get(case_id(case))
-        status = "no record" if rec is None else ("match" if rec["config"] == chosen else "DIFFERS")
+        status = "no record" if rec is None else ("match" if rec["config"] == case["config"] else "DIFFERS")
+        extra = "" if rec is None else f" (audit {rec['target']}: regs {rec['regs']}, spills {rec['spill_bytes']} B"
+        if measured is not None:
+            m = measured[i]
+            extra += f"; here: regs {m['regs']}, spills {m['spill_bytes']} B, shared {m['shared_bytes']} B"
+            if m.get("error") or (m["spill_bytes"] and at_model_shape(m)):
+                status = "SPILLS" if not m.get("error") else "DOES NOT COMPILE"
+            elif rec is not None and status == "match" and (m["spill_bytes"], m["shared_bytes"]) != (
+                    rec["spill_bytes"], rec["shared_bytes"]):
+                status = "DIFFERS (spills/shared)"
+        extra += ")" if rec is not None else ""
         mismatches += status != "match"
-        extra = "" if rec is None else f" (audit {rec['target']}: regs {rec['regs']}, spills {rec['spill_bytes']} B)"
         dims = f"D={case['head_dim']}" if "head_dim" in case else f"d={case['dim']}"
         dtype = case["dtype"] + ("/" + case["precision"] if "precision" in case else "")
-        print(f"{case['kernel']:26s} {dtype:9s} {dims:7s} {chosen} {status}{extra}")
-    print(f"{mismatches} configuration(s) differ from or are missing in {audit_path}")
+        print(f"{case['kernel']:26s} {dtype:9s} {dims:7s} {case['config']} {status}{extra}")
+        if status != "match":
+            rows.append(f"{case['kernel']} {dtype} {dims} {case['config']}: {status}{extra}")
+    print(f"{mismatches} configuration(s) differ from or are missing in {audit_path}"
+          + ("" if measured is None else " (choices, spills and shared memory compared)"))
+    if report is not None:
+        spills = [m["spill_bytes"] for m in measured or [] if m.get("spill_bytes") is not None]
+        report.update(target=live.name, triton_here=triton.__version__, records_of_triton=version,
+                      compared=len(chosen), mismatches=mismatches, differing=rows[:40],
+                      spills_and_shared_compared=measured is not None,
+                      max_spill_bytes=max(spills, default=None), max_regs=max(
+                          (m["regs"] or 0 for m in measured or []), default=None))
     return 1 if mismatches and same_target else 0
 
 
@@ -419,16 +494,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", help="comma-separated subset of sm_80,sm_86,sm_89,sm_90")
     parser.add_argument("--only", help="comma-separated kernel families to compile (attention,contrastive,lm_head)")
     parser.add_argument("--merge", metavar="OLD_JSON",
-                        help="with --only: keep OLD_JSON's records of the other families (re-audit one family)")
+                        help="keep OLD_JSON's records (of this Triton) that were not compiled now (re-audit a part)")
+    parser.add_argument("--combine", nargs="+", metavar="AUDIT_JSON",
+                        help="with --json: one file holding these audits (a later file wins for one Triton release)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--live", action="store_true", help="compare the live GPU's choices with --compare")
     parser.add_argument("--compare", metavar="AUDIT_JSON", default="benchmarks/aot_audit.json")
+    parser.add_argument("--as-target", metavar="SM", help="with --live: compile for this audited target "
+                        "instead of a device (the dry run without a GPU)")
+    parser.add_argument("--report-json", metavar="OUT", help="with --live: the comparison's numbers as JSON")
     args = parser.parse_args(argv)
     _prepare_env()
-    if args.live:
-        return compare_live(args.compare)
     from lcl_fast.kernels import tiles
 
+    if args.combine:
+        if not args.json:
+            parser.error("--combine needs --json (the combined file)")
+        audits, by_version = {}, {}
+        for path in args.combine:  # a later file replaces an earlier one's audit of the same release
+            file_audits, file_records = load_audit(path)
+            for audit in file_audits:
+                version = audit.get("triton")
+                audits[version] = audit
+                by_version[version] = [r for r in file_records if r.get("triton") == version]
+        kept = [r for version_records in by_version.values() for r in version_records]
+        write_audit(args.json, list(audits.values()), kept)
+        print(f"{args.json}: Triton {', '.join(sorted(audits, key=_version_key))}, {len(kept)} records")
+        return 0
+    if args.live:
+        report: dict = {}
+        if args.as_target:
+            if args.as_target not in tiles.AOT_TARGETS:
+                parser.error(f"--as-target: unknown target {args.as_target!r}; known: {', '.join(tiles.AOT_TARGETS)}")
+            status = compare_live(args.compare, live=tiles.AOT_TARGETS[args.as_target],
+                                  measure=lambda todo: run(todo, args.jobs), quick=args.quick, report=report)
+        else:
+            status = compare_live(args.compare, quick=args.quick, jobs=args.jobs, report=report)
+        if args.report_json:
+            with open(args.report_json, "w") as f:
+                json.dump(report, f, indent=1)
+        return status
     targets = args.targets.split(",") if args.targets else None
     for name in targets or ():
         if name not in tiles.AOT_TARGETS:
@@ -436,31 +541,29 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) if args.only else None
     if only and not only <= {"attention", "contrastive", "lm_head"}:
         parser.error(f"--only: unknown families {sorted(only - {'attention', 'contrastive', 'lm_head'})}")
-    if args.merge and not only:
-        parser.error("--merge needs --only (the families to compile again)")
+    import triton
+
     start = time.perf_counter()
     todo = [c for c in cases(quick=args.quick, targets=targets) if not only or c["kernel"].split(".")[0] in only]
-    records = run(todo, args.jobs)
+    records = [dict(r, triton=triton.__version__) for r in run(todo, args.jobs)]
     if args.merge:
-        with open(args.merge) as f:
-            kept = [r for r in json.load(f)["records"] if r["kernel"].split(".")[0] not in only]
+        done = {(r["target"], case_id(r)) for r in records}
+        _, old = records_of(load_audit(args.merge)[1], triton.__version__)
+        kept = [r for r in old if r.get("triton") == triton.__version__ and (r["target"], case_id(r)) not in done]
         records = kept + records
     found = problems(records)
     table = summary(records)
     print(table)
     print("\n".join(found) if found else "every configuration fits, no spills at the models' shapes")
     if args.json:
-        import triton
-
         ptxas = {name: _ptxas_version(tiles.AOT_TARGETS[name].arch) for name in sorted({r["target"] for r in records})}
         meta = {"triton": triton.__version__, "ptxas": ptxas,
                 "date": time.strftime("%Y-%m-%d", time.gmtime()),
-                "quick": args.quick, "wall_s": round(time.perf_counter() - start, 1), "problems": found}
+                "quick": args.quick, "wall_s": round(time.perf_counter() - start, 1), "problems": found,
+                "summary": table}
         if args.merge:
-            meta["merged"] = f"{sorted(only)} compiled now; the other families' records from {args.merge}"
-        with open(args.json, "w") as f:
-            f.write(json.dumps({"meta": meta, "summary": table}, indent=1)[:-2])
-            f.write(',\n "records": [\n' + ",\n".join(json.dumps(r, sort_keys=True) for r in records) + "\n ]\n}\n")
+            meta["merged"] = f"{len(todo)} cases compiled now; the others' records from {args.merge}"
+        write_audit(args.json, [meta], records)
     return 1 if found else 0
 
 

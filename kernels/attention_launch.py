@@ -4,12 +4,14 @@
 (O(B L) work, no host sync); ``attention_forward`` / ``attention_backward`` check shapes,
 pick the tiles and launch.
 
-Tiles: autotuned on the GPU per (L, head dim, mask flags, dtype) over the candidates that
-:func:`lcl_fast.kernels.tiles.attention_candidates` keeps for the device's compute capability
-and shared memory (pruned before anything compiles); ``LCL_FAST_ATTENTION_AUTOTUNE=0`` runs the
-first of them (:func:`~lcl_fast.kernels.tiles.attention_tile`), the tile the ahead-of-time audit
-checks. Triton's autotuner caches its pick per key, not per device: a process driving two
-different GPU models should set ``LCL_FAST_ATTENTION_AUTOTUNE=0``.
+Tiles: by default the target's first candidate (:func:`~lcl_fast.kernels.tiles.attention_tile`),
+the tile the ahead-of-time audit compiled for the device (``benchmarks/aot_audit.json``): no
+autotuning, so training and evaluation start without compiling alternatives and every new text
+length costs one compile, not five. ``LCL_FAST_AUTOTUNE=1`` autotunes per (L, head dim, mask flags,
+dtype) over the candidates :func:`~lcl_fast.kernels.tiles.attention_candidates` keeps for the
+device's compute capability and shared memory (pruned before anything compiles). Triton's
+autotuner caches its pick per key, not per device: a process driving two different GPU models
+should leave autotuning off.
 """
 
 from __future__ import annotations
@@ -156,7 +158,8 @@ def _tuned(kind: str):
 
 
 def _autotune() -> bool:
-    return not triton_interpreter() and os.environ.get("LCL_FAST_ATTENTION_AUTOTUNE", "1") != "0"
+    """Opt-in (``LCL_FAST_AUTOTUNE=1``): by default the launchers run the audited tile."""
+    return not triton_interpreter() and os.environ.get("LCL_FAST_AUTOTUNE", "0") == "1"
 
 
 def _default_blocks(kind: str, q: torch.Tensor) -> tiles.AttnTile:
@@ -227,7 +230,8 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[B, H, L, D]`` (stored ``[B, L, H, D]`` in memory) and base-2 logsumexp ``[B, H, L]``.
 
-    ``blocks=(BLOCK_M, BLOCK_N)`` fixes the tiles (tests); otherwise autotuned on the GPU.
+    ``blocks=(BLOCK_M, BLOCK_N)`` fixes the tiles (tests); otherwise the device's audited tile
+    (autotuned with ``LCL_FAST_AUTOTUNE=1``).
     """
     _check(q, k, v)
     batch, heads, length, head_dim = q.shape

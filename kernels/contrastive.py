@@ -236,7 +236,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if triton_interpreter() or dtype != torch.float32:
         return "ieee"  # ignored for 16-bit operands; numpy in the interpreter
     # as torch's own float32 matmuls: exact by default, TF32 once the user allows it
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return tiles.float32_dot_precision()
 
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -219,7 +219,7 @@ def _launch_config(kernel: str, dtype: torch.dtype, device: torch.device | None 
     fp32 = dtype == torch.float32
     # float32 follows torch's own matmul setting: TF32 only when the user allowed it; the flag
     # does not concern 16-bit operands
-    precision = "tf32" if (not fp32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    precision = "tf32" if not fp32 else tiles.float32_dot_precision()
     return gpu_blocks(tiles.device_target(device), kernel, dtype, dim), precision, False
 
 

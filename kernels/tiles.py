@@ -12,11 +12,13 @@ sm_86 and sm_90 at head dims 64 and 128 with every mask flag on (the most live r
 sm_80/86/89 (mma.sync: both operands and the float32 accumulators in registers, 255 per thread
 at most) the default tiles compile without spills and with registers to spare (at most 240 at
 head dim 64, where sm_90's tiles hit 255 and spill); sm_90 (wgmma, operands in shared memory)
-keeps the tiles it was tuned for. The others in each list are autotuning alternatives. Every
+keeps the tiles it was tuned for, except the 16-bit dkdv at head dim 64: its 64×128 tile spills
+8 B at 255 registers under Triton 3.6 (ptxas 12.8, the GPU image's), so 32×128 (196-202
+registers under both releases) leads. The others in each list are autotuning alternatives. Every
 list is filtered by :func:`attention_shared_bytes`, an upper bound on what Triton allocates,
 against the target's limit: on sm_86/89 (99 KiB) the deeper pipelines that sm_80 (163 KiB) and
 sm_90 (227 KiB) afford drop out by themselves. ``benchmarks/aot_audit.json`` holds what the
-compiler reported for the defaults on all four targets.
+compiler reported for the defaults on all four targets, under Triton 3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 __all__ = [
     "AOT_TARGETS", "AttnTile", "GemmTile", "Target", "attention_candidates", "attention_shared_bytes",
     "attention_tile", "contrastive_tile", "delta_tile", "device_guard", "device_target", "dtype_name",
-    "lm_head_tile",
+    "float32_dot_precision", "lm_head_tile",
 ]
 
 
@@ -110,6 +112,21 @@ def device_target(device: Union[torch.device, int, None] = None) -> Target:
     return _live_target(torch.cuda.current_device() if device is None else int(device))
 
 
+def float32_dot_precision() -> str:
+    """``"tf32"`` when torch's own float32 matmuls may use TF32, else ``"ieee"`` (exact).
+
+    Reads whichever API the user set: torch >= 2.9's ``torch.backends.cuda.matmul.fp32_precision``
+    (or the global ``torch.backends.fp32_precision`` it inherits) when not ``"none"``, else the legacy
+    ``allow_tf32``. Reading the legacy flag after the new API was used raises ("mix of the legacy
+    and new APIs"); the legacy setters also update the new value, so this order never mixes them.
+    """
+    matmul = torch.backends.cuda.matmul
+    new = getattr(matmul, "fp32_precision", None)
+    if new is not None and new != "none":
+        return "tf32" if new == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
+
+
 def device_guard(x: torch.Tensor):
     """Run under ``x``'s device: Triton launches on the current CUDA device, not on the tensors' one."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -125,7 +142,7 @@ _H, _A = "hopper", "ampere"
 _ATTN = {
     # 16-bit operands, head dim 64
     (_H, "fwd", 2, 64): [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    (_H, "dkdv", 2, 64): [(64, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3)],
+    (_H, "dkdv", 2, 64): [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 3), (64, 128, 8, 2)],
     (_H, "dq", 2, 64): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
     (_A, "fwd", 2, 64): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)],
     (_A, "dkdv", 2, 64): [(32, 128, 8, 3), (32, 64, 8, 3), (64, 128, 8, 3), (32, 32, 4, 2)],

@@ -352,7 +352,8 @@ def interleaved_attention(
         softmax_scale: multiplies ``q k^T``; default ``D ** -0.5``.
         impl: ``"auto" | "triton" | "torch" | "reference"`` (see :mod:`lcl_fast._impl`);
             ``"auto"`` falls back to ``"torch"`` for dtypes the kernel lacks (float64).
-        blocks: ``(BLOCK_M, BLOCK_N)`` for the Triton kernels (tests); default: autotuned.
+        blocks: ``(BLOCK_M, BLOCK_N)`` for the Triton kernels (tests); default: the audited tile
+            (``LCL_FAST_AUTOTUNE=1``: autotuned).
 
     Returns:
         ``[B, H, L, D]`` in the dtype of ``q``.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcl_fast._impl import triton_available
+from lcl_fast._impl import triton_available, triton_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -84,6 +84,7 @@ def test_gemm_tiles_per_target():
 
 
 @needs_triton
+@pytest.mark.skipif(not triton_interpreter(), reason="CPU tensors with impl='triton' need TRITON_INTERPRET=1")
 def test_attention_grid_folds_batch_heads(monkeypatch):
     """B·H above 65535 (grid dimension 1's limit): one 1-D grid, tile index fastest."""
     import lcl_fast.kernels.attention_launch as launch
@@ -189,3 +190,90 @@ def test_live_target_is_read_from_the_device_properties(monkeypatch):
         assert calls == [1]  # once per device
     finally:
         tiles._live_target.cache_clear()
+
+
+CPU_TRITON_TESTS = [
+    "tests/ops/test_aot_audit.py::test_attention_grid_folds_batch_heads",
+    "tests/ops/test_custom_ops.py::test_contrastive_ops",
+    "tests/ops/test_custom_ops.py::test_linear_cross_entropy_ops",
+    "tests/ops/test_custom_ops.py::test_attention_triton_ops",
+]
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs these for real")
+def test_cpu_triton_tests_skip_when_compiled():
+    """gpu_check runs tests with TRITON_INTERPRET=0: the 5 that hand CPU tensors to impl="triton" skip."""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton or grid", *CPU_TRITON_TESTS]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "5 skipped" in run.stdout and "passed" not in run.stdout, run.stdout[-3000:]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split(".")[:2])
+
+
+@needs_triton
+def test_committed_audit_covers_both_compilers_without_spills():
+    """Triton 3.6 (the GPU image's) and the newest supported: each audited release compiled every
+    chosen tile of every target, the records hold today's tile choices, and nothing spills at
+    the models' shapes (attention head dim 64 in 16 bits, d 512/768/1024)."""
+    from lcl_fast.kernels import tiles
+
+    from benchmarks import aot_audit
+
+    audits, records = aot_audit.load_audit(str(REPO / "benchmarks" / "aot_audit.json"))
+    versions = {a["triton"] for a in audits}
+    assert any(_version_tuple(v) == (3, 6) for v in versions), versions
+    assert max(_version_tuple(v) for v in versions) >= (3, 9), versions
+    for audit in audits:
+        assert audit["ptxas"] and audit["problems"] == [], audit
+        mine = [r for r in records if r["triton"] == audit["triton"]]
+        assert aot_audit.problems(mine) == []
+        by_case = {(r["target"], aot_audit.case_id(r)): r for r in mine}
+        for case in aot_audit.cases():
+            rec = by_case[(case["target"], aot_audit.case_id(case))]
+            assert rec["config"] == case["config"], (audit["triton"], case)
+            if aot_audit.at_model_shape(rec) and not (rec["kernel"].startswith("attention.")
+                                                      and rec["dtype"] == "fp32"):
+                assert rec["spill_bytes"] == 0, (audit["triton"], rec)
+        dkdv = by_case[("sm_90", ("attention.dkdv", "bf16", None, 64, None))]
+        assert dkdv["config"] == tiles.attention_tile(tiles.AOT_TARGETS["sm_90"], "dkdv", "bf16", 64)._asdict()
+
+
+@needs_triton
+def test_live_comparison_uses_the_running_release_and_compares_spills(tmp_path, capsys):
+    import triton
+    from lcl_fast.kernels import tiles
+
+    from benchmarks import aot_audit
+
+    sm86 = tiles.AOT_TARGETS["sm_86"]
+    todo = aot_audit.cases(targets=["sm_86"], quick=True)
+    good = [dict(case, regs=100, spill_bytes=0, shared_bytes=1000, triton=triton.__version__) for case in todo]
+    stale = [dict(r, config={"block_m": 1}, triton="0.0.1") for r in good]
+    path = str(tmp_path / "audit.json")
+    aot_audit.write_audit(path, [{"triton": triton.__version__}, {"triton": "0.0.1"}], good + stale)
+    same = lambda cases: [dict(c, regs=100, spill_bytes=0, shared_bytes=1000) for c in cases]  # noqa: E731
+    report = {}
+    assert aot_audit.compare_live(path, live=sm86, measure=same, quick=True, report=report) == 0
+    assert report["records_of_triton"] == triton.__version__ and report["mismatches"] == 0
+    assert report["spills_and_shared_compared"]
+    capsys.readouterr()
+
+    def spilling(cases):
+        out = same(cases)
+        out[0]["spill_bytes"] = 8  # attention.fwd bf16 D 64: a model shape
+        out[1]["shared_bytes"] = 2000
+        return out
+
+    report = {}
+    assert aot_audit.compare_live(path, live=sm86, measure=spilling, quick=True, report=report) == 1
+    text = capsys.readouterr().out
+    assert "SPILLS" in text and "DIFFERS (spills/shared)" in text and report["mismatches"] == 2
+    # a release that was not audited: the newest audited one's records
+    aot_audit.write_audit(path, [{"triton": "0.0.1"}], stale)
+    assert aot_audit.compare_live(path, live=sm86, quick=True) == 1
+    assert "was not audited" in capsys.readouterr().out

@@ -311,3 +311,37 @@ def test_gpu_tile_candidates_fit():
                     for t in got:
                         shared = tiles.attention_shared_bytes(target, kind, t, dtype, head_dim)
                         assert shared <= target.shared_limit, (kind, target, head_dim, dtype, t)
+
+
+@pytest.mark.parametrize("env,tuned", [(None, False), ("0", False), ("1", True)])
+def test_gpu_launch_uses_the_audited_tile_unless_autotuning_is_asked(monkeypatch, env, tuned):
+    """Training and eval run the device's audited tile; LCL_FAST_AUTOTUNE=1 hands the launch to the autotuner."""
+    import lcl_fast.kernels.attention_launch as launch
+    from lcl_fast.kernels import tiles
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, kwargs))
+
+    monkeypatch.setattr(launch, "triton_interpreter", lambda: False)  # as on a GPU
+    monkeypatch.setattr(tiles, "device_target", lambda device=None: tiles.AOT_TARGETS["sm_90"])
+    monkeypatch.setattr(launch, "_tuned", lambda kind: Recorder("tuned"))
+    if env is None:
+        monkeypatch.delenv("LCL_FAST_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("LCL_FAST_AUTOTUNE", env)
+    q = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16).expand(2, 12, 280, 64)
+    launch._launch("dkdv", Recorder("fixed"), 280, 24, (q,), {"HEAD_DIM": 64}, None)
+    assert len(calls) == 1
+    name, kwargs = calls[0]
+    if tuned:
+        assert name == "tuned" and "BLOCK_M" not in kwargs
+    else:
+        tile = tiles.attention_tile(tiles.AOT_TARGETS["sm_90"], "dkdv", torch.bfloat16, 64)
+        assert name == "fixed"
+        assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == tuple(tile)
