@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse → build → (resume) → evaluate → train → evaluate → summarize. Returns the exit status."""
     cfg = parse_config(argv)
     t_start = time.perf_counter()
-    env = D.setup(cfg.device)
+    env = D.setup(cfg.device, cfg.dist_timeout)
     try:
         if env.distributed and not cfg.local_loss:
             raise ConfigError("--no-local-loss: LCL's contrastive loss needs --local-loss when distributed")
