@@ -227,7 +227,7 @@ def run(cfg: TrainConfig) -> int:
     """One run of a parsed config (see :func:`main`)."""
     t_start = time.perf_counter()
     try:
-        env = D.setup(cfg.device)  # ConfigError: no GPU, or more ranks than GPUs on this node
+        env = D.setup(cfg.device, cfg.dist_timeout)  # ConfigError: no GPU, or more ranks than GPUs on this node
         if env.distributed and not cfg.local_loss:
             raise ConfigError("--no-local-loss: LCL's contrastive loss needs --local-loss when distributed")
         run_dir = prepare_run_dir(cfg, env)

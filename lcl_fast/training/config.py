@@ -135,6 +135,9 @@ class TrainConfig:
         True, "glibc reuses freed host memory instead of returning it (no page faults per step; "
         "resident memory stays at its peak)", negatable=True,
     )
+    dist_timeout: float = _field(
+        300.0, "seconds a collective or the process-group set-up may wait for a peer before failing"
+    )
     seed: int = _field(0, "random seed (rank r uses seed + r for data randomness)")
     # --- faults
     max_nonfinite_steps: int = _field(

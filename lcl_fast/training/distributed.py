@@ -6,6 +6,7 @@ torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the rendezvous addre
 
 from __future__ import annotations
 
+import datetime
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -51,7 +52,26 @@ def pick_device(request: str, local_rank: int, local_world_size: int = 1) -> tor
     return torch.device("cpu")
 
 
-def setup(device_request: str = "auto") -> DistEnv:
+DEFAULT_TIMEOUT_S = 300.0  # collectives and group set-up; a dead peer's closed socket is seen at once
+
+
+def restart_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """The rendezvous store, its keys under a prefix of this torchrun restart round (None: not torchrun).
+
+    torchrun's agent keeps one TCPStore for the whole job (static and c10d rendezvous alike) and
+    workers reach it at ``MASTER_ADDR:MASTER_PORT`` with no per-round prefix. Gloo's full-mesh
+    set-up reads each peer's address from that store: after a restart it could read the address
+    the killed round-0 peer left there and retry it until the timeout (``connectFullMesh failed …
+    Connection refused``). Keys under ``lcl_fast/restart_<TORCHELASTIC_RESTART_COUNT>/`` are new
+    in every round.
+    """
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    return dist.PrefixStore(f"lcl_fast/restart_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
+
+
+def setup(device_request: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Join the process group torchrun describes (if any) and pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -62,8 +82,12 @@ def setup(device_request: str = "auto") -> DistEnv:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = restart_store(rank, world_size, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
