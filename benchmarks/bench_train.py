@@ -19,8 +19,9 @@ excluded from the timed calls.
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import pytest
@@ -51,6 +52,8 @@ CASES: list[TrainCase] = h.by_scale(
     # the GPU shapes: B/16 on LAION-style pairs, B/32 on MMC4 documents (full depth)
     full=[TrainCase("LCL_ViT-B-16_laion", "pairs", 128, 20), TrainCase("LCL_ViT-B-32_mmc4", "mmc4", 16, 20)],
 )
+if os.environ.get("LCL_BENCH_TRAIN_STEPS"):  # gpu_check.sh: 30 steps each
+    CASES = [replace(c, steps=int(os.environ["LCL_BENCH_TRAIN_STEPS"])) for c in CASES]
 
 
 def _loader_factory(case: TrainCase, model, pack: bool):

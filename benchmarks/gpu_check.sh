@@ -1,102 +1,191 @@
 #!/usr/bin/env bash
-# GPU check, in one call of under 10 minutes on one H100/H200-class GPU:
-#   0. the tiles the launchers pick on this GPU, against the ahead-of-time audit's record for its
-#      target (benchmarks/aot_audit.json, from `python -m benchmarks.aot_audit`);
-#   1. the kernels' correctness tests, compiled (TRITON_INTERPRET=0: no interpreter);
-#   2. the full-scale benchmarks (LCL_BENCH_SCALE=full), most important groups first;
-#   3. the report: RESULTS.md + contrastive_memory.png from the benchmark JSON.
+# GPU check in one device call: under 7 minutes on one H100 (compiles included), no network.
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: $OUT, else benchmarks/gpu_results
+#   bash benchmarks/gpu_wheels.sh .whl            # here, with network: ftfy, wcwidth, braceexpand wheels
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # on the GPU; default OUT_DIR: $OUT, else benchmarks/gpu_results
+#   bash benchmarks/gpu_check.sh --dry-run [OUT]  # the same script on a CPU: tiny shapes, TRITON_INTERPRET=1
 #
-# OUT_DIR receives env.txt, configs.txt, tests.log, bench.log, bench.json, RESULTS.md, contrastive_memory.png.
-# Publish with: cp OUT_DIR/RESULTS.md OUT_DIR/contrastive_memory.png benchmarks/
-# Time budgets (seconds) are overridable: LCL_GPU_TEST_BUDGET_S (150), LCL_GPU_BENCH_BUDGET_S (360),
-# and LCL_GPU_TESTS (the test paths, default tests/ops). Exit status: the tests' status, else the
-# benchmarks', else the report's. LCL_GPU_CHECK_ALLOW_CPU=1 lets it run without CUDA (to try the
-# script itself, e.g. with LCL_BENCH_SCALE=smoke); PYTHON picks the interpreter.
+# Stages, in order of value (each with its own budget, all under a global deadline):
+#   kernels  compiled Triton kernels vs the torch path, fwd + bwd, at the models' shapes, bf16/fp16/fp32:
+#            attention (documents + image blocks), contrastive over ragged ranks, LM-head CE
+#   model    one full B/16 model forward + backward, impl="triton" vs impl="torch" (fp32, bf16 autocast)
+#   tiles    the tiles chosen on this device vs the audit's records (benchmarks/aot_audit.json):
+#            choices, spills and shared memory, for the running Triton release
+#   ops      op benchmarks vs the reference at the B/16 LAION and B/32 MMC4 shapes (SDPA, Flex, flash-attn
+#            when present)
+#   train    the `train` group: eager, packed and compiled, 30 steps each (B/16 LAION, then B/32 MMC4)
+#   report   RESULTS.md (+ contrastive_memory.png) from the op benchmarks
+# After every stage $OUT_DIR/gpu_check.json is rewritten (atomically): a kill keeps what finished.
+# OUT_DIR gets at most 8 files: gpu_check.json, gpu_check.log, bench.json, bench_train.json, RESULTS.md,
+# contrastive_memory.png. Exit 0 when every stage passed (in a dry run: or was skipped by design), else 1.
+#
+# Wheels: installed offline (pip --no-index --find-links, into a folder put on PYTHONPATH) from
+# $LCL_GPU_WHEELS (default .whl/ in the repository) when that folder holds wheels. The dry run first hides
+# the interpreter's own ftfy/wcwidth/braceexpand (shadow modules that raise ImportError), so it proves the
+# wheels are enough. Knobs: LCL_GPU_DEADLINE_S (whole check, default 400), LCL_GPU_BUDGET_<STAGE>_S
+# (e.g. LCL_GPU_BUDGET_TRAIN_S), PYTHON (the interpreter).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 OUT_DIR=${1:-${OUT:-benchmarks/gpu_results}}
 mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
 PY=${PYTHON:-python}
-TEST_BUDGET=${LCL_GPU_TEST_BUDGET_S:-150}
-BENCH_BUDGET=${LCL_GPU_BENCH_BUDGET_S:-360}
-TESTS=${LCL_GPU_TESTS:-tests/ops}
-export TRITON_INTERPRET=0  # tests that setdefault("TRITON_INTERPRET", "1") keep the compiler
-export LCL_BENCH_SCALE=${LCL_BENCH_SCALE:-full}
+START=$(date +%s)
+DEADLINE=${LCL_GPU_DEADLINE_S:-400}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/lcl_gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+JSON="$OUT_DIR/gpu_check.json"
+LOG="$OUT_DIR/gpu_check.log"
+: > "$LOG"
 export PYTHONUNBUFFERED=1
+STAGES="kernels,model,tiles,ops,train,report"
+log() { echo "$*" | tee -a "$LOG"; }
+elapsed() { echo $(( $(date +%s) - START )); }
 
-{
-    date -u
-    nvidia-smi || true
-    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-    $PY -c "import triton; print('triton', triton.__version__)"
-    $PY -m pip list 2>/dev/null | grep -i -E "flash|xformers|inf.cl|liger|cut.cross|dali" || true
-} > "$OUT_DIR/env.txt" 2>&1
-cat "$OUT_DIR/env.txt"
-if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    if [ "${LCL_GPU_CHECK_ALLOW_CPU:-0}" != "1" ]; then
-        echo "no CUDA device: nothing to check here (the CPU suite is: pytest benchmarks/ --benchmark-only)"
-        exit 2
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1 LCL_BENCH_SCALE=smoke CUDA_VISIBLE_DEVICES=""
+    # hide the interpreter's own copies: the wheels' folder (first on PYTHONPATH) must supply them
+    mkdir -p "$WORK/hide"
+    for mod in ftfy wcwidth braceexpand; do
+        echo "raise ModuleNotFoundError(\"No module named '$mod' (hidden by gpu_check.sh --dry-run)\", name='$mod')" \
+            > "$WORK/hide/$mod.py"
+    done
+    export PYTHONPATH="$WORK/hide${PYTHONPATH:+:$PYTHONPATH}"
+    $PY -c "import ftfy" 2>/dev/null && { log "dry run: could not hide ftfy"; exit 1; }
+else
+    export TRITON_INTERPRET=0 LCL_BENCH_SCALE=${LCL_BENCH_SCALE:-full}
+fi
+
+# -- wheels, offline
+WHEELS=${LCL_GPU_WHEELS:-$REPO/.whl}
+WHEEL_NOTE="no wheels at $WHEELS"
+if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+    if $PY -m pip install -q --no-index --find-links "$WHEELS" --no-deps --target "$WORK/site" \
+        ftfy wcwidth braceexpand >> "$LOG" 2>&1; then
+        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+        WHEEL_NOTE="installed offline from $WHEELS: $(cd "$WHEELS" && ls ./*.whl | tr '\n' ' ')"
+    else
+        WHEEL_NOTE="pip could not install the wheels from $WHEELS (see gpu_check.log)"
     fi
-    echo "no CUDA device; LCL_GPU_CHECK_ALLOW_CPU=1: dry run of this script on the CPU"
 fi
-# lcl_fast.kernels is the top-level kernels/ folder mapped into the package: needs the (editable) install.
+log "wheels: $WHEEL_NOTE"
+# lcl_fast.kernels is the top-level kernels/ folder mapped into the package: needs the (editable) install
 $PY -c "import lcl_fast.kernels" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation -e . \
-    || echo "warning: could not install lcl-fast; imports may fail"
+    >> "$LOG" 2>&1 || log "warning: could not install lcl-fast; imports may fail"
 
-# Per-test time limits when pytest-timeout is there (the whole-stage budgets hold regardless).
-TEST_LIMIT=""; BENCH_LIMIT=""
-if $PY -c "import pytest_timeout" 2>/dev/null; then TEST_LIMIT="--timeout=120"; BENCH_LIMIT="--timeout=150"; fi
-if ! $PY -c "import pytest_benchmark" 2>/dev/null; then
-    echo "pytest-benchmark is not installed: the benchmarks cannot run (pip install pytest-benchmark)"
+$PY - "$WORK/env.json" "$WHEEL_NOTE" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, subprocess, sys
+env = {"wheels": sys.argv[2]}
+try:
+    import torch
+    env["torch"] = torch.__version__
+    env["cuda"] = torch.version.cuda
+    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA device)"
+except Exception as exc:
+    env["device"] = f"torch does not import: {exc}"
+try:
+    import triton
+    env["triton"] = triton.__version__
+except Exception as exc:
+    env["triton"] = f"does not import: {exc}"
+missing = []
+for mod in ("ftfy", "wcwidth", "braceexpand", "pytest_benchmark", "flash_attn"):
+    try:
+        __import__(mod)
+    except ImportError:
+        missing.append(mod)
+env["missing_modules"] = missing
+try:
+    env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                        "--format=csv,noheader"], capture_output=True, text=True,
+                                       timeout=20).stdout.strip()
+except Exception:
+    pass
+print(json.dumps(env))
+json.dump(env, open(sys.argv[1], "w"))
+EOF
+MODE=gpu; [ "$DRY" = 1 ] && MODE=dry-run
+$PY -m benchmarks.gpu_report init "$JSON" --mode "$MODE" --plan "$STAGES" --env "$WORK/env.json"
+if [ "$DRY" = 0 ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    log "no CUDA device: nothing to check here (try: bash benchmarks/gpu_check.sh --dry-run)"
+    $PY -m benchmarks.gpu_report stage "$JSON" --name kernels --skip "no CUDA device"
+    $PY -m benchmarks.gpu_report finish "$JSON"
+    exit 1
 fi
 
-echo "== 0/3 tiles chosen on this device vs the ahead-of-time audit (benchmarks/aot_audit.json)"
-$PY -m benchmarks.aot_audit --live --compare benchmarks/aot_audit.json 2>&1 | tee "$OUT_DIR/configs.txt"
-configs_rc=${PIPESTATUS[0]}
+# stage NAME BUDGET_S [--numbers F] [--bench F] -- CMD...: run CMD under min(budget, time left), record it
+stage() {
+    local name=$1 budget=$2; shift 2
+    local extra=()
+    while [ "$1" != "--" ]; do extra+=("$1"); shift; done
+    shift
+    local var="LCL_GPU_BUDGET_${name^^}_S"
+    budget=${!var:-$budget}
+    local left=$(( DEADLINE - $(elapsed) - 10 ))
+    [ "$left" -lt "$budget" ] && budget=$left
+    if [ "$budget" -lt 15 ]; then
+        log "== $name: skipped, $(elapsed) s of the ${DEADLINE} s deadline spent"
+        $PY -m benchmarks.gpu_report stage "$JSON" --name "$name" --elapsed "$(elapsed)" \
+            --skip "the check's ${DEADLINE} s deadline left no time (${left} s)"
+        return
+    fi
+    log "== $name (budget ${budget} s, $(elapsed) s spent): $*"
+    local t0 rc ms
+    t0=$(date +%s%N)
+    timeout -s INT -k 15 "$budget" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    local secs="$((ms / 1000)).$(printf %03d $((ms % 1000)))"
+    $PY -m benchmarks.gpu_report stage "$JSON" --name "$name" --rc "$rc" --seconds "$secs" --budget "$budget" \
+        --elapsed "$(elapsed)" "${extra[@]}" 2>&1 | tee -a "$LOG"
+}
 
-echo "== 1/3 kernel correctness tests, compiled ($TESTS, budget ${TEST_BUDGET}s)"
-# shellcheck disable=SC2086
-timeout -s INT -k 15 "$TEST_BUDGET" $PY -m pytest $TESTS -q -rfEs -p no:cacheprovider $TEST_LIMIT \
-    2>&1 | tee "$OUT_DIR/tests.log"
-tests_rc=${PIPESTATUS[0]}
+TINY=(); JOBS=3; DTYPES=bf16,fp16,fp32
+if [ "$DRY" = 1 ]; then TINY=(--tiny); JOBS=1; DTYPES=fp16,fp32; fi  # numpy has no bfloat16: the interpreter
+BENCH_OPTS=(--benchmark-only -q -rs -p no:cacheprovider --benchmark-columns=median,rounds)
+$PY -c "import pytest_timeout" 2>/dev/null && BENCH_OPTS+=(--timeout=120)
 
-echo "== 2/3 full-scale benchmarks (budget ${BENCH_BUDGET}s)"
-# Most important groups first: a budget cut loses the least.
-timeout -s INT -k 30 "$BENCH_BUDGET" $PY -m pytest \
-    benchmarks/bench_contrastive.py benchmarks/bench_attention.py benchmarks/bench_generation_loss.py \
-    benchmarks/bench_train_step.py benchmarks/bench_model.py benchmarks/bench_data.py \
-    --benchmark-only --benchmark-json="$OUT_DIR/bench.json" $BENCH_LIMIT -q -rs -p no:cacheprovider \
-    --benchmark-columns=median,rounds 2>&1 | tee "$OUT_DIR/bench.log"
-bench_rc=${PIPESTATUS[0]}
-bench_note="benchmarks exit ${bench_rc}"
-[ "$bench_rc" -eq 124 ] && bench_note="benchmarks stopped at the ${BENCH_BUDGET}s budget: later groups are missing"
-
-# -- train group (benchmarks/bench_train.py): loader -> model -> loss -> optimizer, B/16 LAION pairs and
-#    B/32 MMC4 documents; reference vs lcl-fast eager / --pack / compiled. Own budget and JSON
-#    (LCL_GPU_TRAIN_BUDGET_S, default 120; 0 skips it); its ratios print in train.log's summary table.
-TRAIN_BUDGET=${LCL_GPU_TRAIN_BUDGET_S:-120}
-train_rc=0
-if [ "$TRAIN_BUDGET" -gt 0 ]; then
-    echo "== train group (budget ${TRAIN_BUDGET}s)"
-    timeout -s INT -k 30 "$TRAIN_BUDGET" $PY -m pytest benchmarks/bench_train.py --benchmark-only \
-        --benchmark-json="$OUT_DIR/bench_train.json" -q -rs -p no:cacheprovider --benchmark-columns=median,rounds \
-        2>&1 | tee "$OUT_DIR/train.log"
-    train_rc=${PIPESTATUS[0]}
+stage kernels 120 --numbers "$WORK/kernels.json" -- \
+    $PY -m benchmarks.gpu_kernels kernels --json "$WORK/kernels.json" --dtypes "$DTYPES" --jobs "$JOBS" "${TINY[@]}"
+if [ "$DRY" = 1 ]; then  # the interpreter needs minutes for a whole model's kernels on 2 cores
+    log "== model: skipped in a dry run"
+    $PY -m benchmarks.gpu_report stage "$JSON" --name model --expected --elapsed "$(elapsed)" \
+        --skip "dry run: the Triton interpreter needs minutes for a whole model (python -m benchmarks.gpu_kernels model --tiny)"
+else
+    stage model 60 --numbers "$WORK/model.json" -- $PY -m benchmarks.gpu_kernels model --json "$WORK/model.json"
 fi
-
-echo "== 3/3 report"
-report_rc=1
+if [ "$DRY" = 1 ]; then  # no device: compile the quick subset for sm_90 as if it were the device
+    stage tiles 60 --numbers "$WORK/tiles.json" -- $PY -m benchmarks.aot_audit --live --as-target sm_90 --quick \
+        --jobs 2 --compare benchmarks/aot_audit.json --report-json "$WORK/tiles.json"
+else
+    stage tiles 60 --numbers "$WORK/tiles.json" -- $PY -m benchmarks.aot_audit --live --jobs 12 \
+        --compare benchmarks/aot_audit.json --report-json "$WORK/tiles.json"
+fi
+# ops: the B/16 LAION and B/32 MMC4 shapes; contrastive at 4k and 32k pairs (the 64k case is the memory plot's)
+OPS_K="not xformers and not inf_cl and not liger and not cut_cross and not n16384 and not n65536"
+stage ops 90 --bench "$OUT_DIR/bench.json" -- $PY -m pytest benchmarks/bench_attention.py \
+    benchmarks/bench_contrastive.py benchmarks/bench_generation_loss.py -k "$OPS_K" \
+    --benchmark-json="$OUT_DIR/bench.json" "${BENCH_OPTS[@]}"
+# train: eager, packed, compiled; 30 steps each, one timed round
+TRAIN_K="(mmc4 or laion) and (lcl-fast] or lcl-fast-pack] or lcl-fast-compile])"
+if [ "$DRY" = 1 ]; then
+    TRAIN_K="(mmc4 or pairs) and (lcl-fast] or lcl-fast-pack])"  # torch.compile on 2 CPU cores: minutes
+fi
+STEPS=30; [ "$DRY" = 1 ] && STEPS=2
+export LCL_BENCH_TRAIN_STEPS=${LCL_BENCH_TRAIN_STEPS:-$STEPS} LCL_BENCH_ROUNDS=1
+stage train 110 --bench "$OUT_DIR/bench_train.json" -- $PY -m pytest benchmarks/bench_train.py -k "$TRAIN_K" \
+    --benchmark-json="$OUT_DIR/bench_train.json" "${BENCH_OPTS[@]}"
+unset LCL_BENCH_TRAIN_STEPS LCL_BENCH_ROUNDS
 if [ -s "$OUT_DIR/bench.json" ]; then
-    $PY -m benchmarks.report "$OUT_DIR/bench.json" --out "$OUT_DIR/RESULTS.md" \
-        --plot "$OUT_DIR/contrastive_memory.png" \
-        --note "benchmarks/gpu_check.sh on $(hostname): tests exit ${tests_rc}; ${bench_note}"
-    report_rc=$?
-    cat "$OUT_DIR/RESULTS.md"
+    PLOT=(); $PY -c "import matplotlib" 2>/dev/null && PLOT=(--plot "$OUT_DIR/contrastive_memory.png")
+    stage report 30 -- $PY -m benchmarks.report "$OUT_DIR/bench.json" --out "$OUT_DIR/RESULTS.md" "${PLOT[@]}" \
+        --note "benchmarks/gpu_check.sh ($MODE) on $(hostname), $(elapsed) s into the check"
+else
+    $PY -m benchmarks.gpu_report stage "$JSON" --name report --skip "no op benchmark results" --elapsed "$(elapsed)"
 fi
-echo "tiles vs audit exit ${configs_rc} (informational), tests exit ${tests_rc}, benchmarks exit ${bench_rc}, train group exit ${train_rc}, report exit ${report_rc}"
-for rc in "$tests_rc" "$bench_rc" "$report_rc"; do
-    [ "$rc" -ne 0 ] && exit "$rc"
-done
-exit 0
+[ "$DRY" = 1 ] && log "dry run: compiled train contenders not run (torch.compile takes minutes on a CPU)"
+$PY -m benchmarks.gpu_report finish "$JSON" --elapsed "$(elapsed)" 2>&1 | tee -a "$LOG"
+exit "${PIPESTATUS[0]}"
