@@ -22,7 +22,7 @@ from . import config as C
 from ._impl import resolve_impl
 from .nn.towers import AttentivePoolingProjection, VisionTower, text_tower_class
 from .nn.transformer import LayerNorm
-from .targets import PAD_ID, loss_targets
+from .targets import PAD_ID, loss_targets, text_stats
 
 
 @torch.compiler.disable
@@ -130,12 +130,7 @@ class LCL(nn.Module):
             raise ValueError(f"text length {text.shape[1]} exceeds context_length {self.text.context_length}")
         if not text.numel():
             return
-        if stats is not None:
-            lo, hi, n_placeholders, n_soi = stats
-        else:
-            lo, hi, n_placeholders, n_soi = torch.stack(
-                [text.min(), text.max(), (text == self.img_id).sum(), (text == self.soi_id).sum()]
-            ).tolist()
+        lo, hi, n_placeholders, n_soi = stats if stats is not None else text_stats(text, self.target_token_ids)
         if lo < 0 or hi >= self.text.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.text.vocab_size}), got min {lo} max {hi}")
         if n_placeholders != n_images * self.num_img_token:

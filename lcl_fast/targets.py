@@ -58,5 +58,7 @@ def text_stats(text: torch.Tensor, token_ids: tuple[int, int, int, int]) -> tupl
     if not text.numel():
         return (0, 0, 0, 0)
     soi_id, img_id = token_ids[0], token_ids[1]
-    lo, hi, n_img, n_soi = torch.stack([text.min(), text.max(), (text == img_id).sum(), (text == soi_id).sum()])
-    return int(lo), int(hi), int(n_img), int(n_soi)
+    lo, hi, n_img, n_soi = torch.stack(
+        [text.min(), text.max(), (text == img_id).sum(), (text == soi_id).sum()]
+    ).tolist()  # one transfer: the model's own check, given no stats, reads them this way on its device
+    return lo, hi, n_img, n_soi

@@ -230,15 +230,6 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
         module.reshard()
 
 
-def any_true(flags: list[bool], env: DistEnv) -> list[bool]:
-    """Element-wise OR of ``flags`` over all ranks (one small all-reduce; none for a world of one)."""
-    if not env.distributed:
-        return list(flags)
-    t = torch.tensor([float(f) for f in flags], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
 def agree_step(bad: torch.Tensor, stop: bool, counts: tuple[int, int], env: DistEnv) -> tuple[bool, bool, int, int]:
     """``(bad on any rank, stop on any rank, samples, tokens summed over ranks)`` of one step, in one read.
 
