@@ -107,6 +107,11 @@ def cleanup(*, drain: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def residual_blocks(lcl: nn.Module) -> list[nn.Module]:
+    """The residual blocks of both towers (what FSDP2 shards one by one, and what compile takes under it)."""
+    return [block for tower in (lcl.visual, lcl.text) for block in tower.transformer.resblocks]
+
+
 def scalar_params(model: nn.Module) -> list[nn.Parameter]:
     """0-dim parameters (``logit_scale``): FSDP2 cannot shard them, so they stay replicated."""
     return [p for p in model.parameters() if p.ndim == 0]
@@ -141,9 +146,8 @@ def wrap_model(model: nn.Module, env: DistEnv, *, fsdp: bool = False, precision:
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         policy = fsdp_mixed_precision(precision)
         options = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
-        for tower in (model.visual, model.text):
-            for block in tower.transformer.resblocks:
-                fully_shard(block, **options)
+        for block in residual_blocks(model):
+            fully_shard(block, **options)
         fully_shard(model, ignored_params=set(scalar_params(model)) or None, **options)
         return model
     if env.distributed:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .distributed import unwrap
+from .distributed import residual_blocks, unwrap
 
 # batch keys a compiled step receives, and the dimension of each that varies between batches
 _DYNAMIC_DIMS = {"images": 0, "pair_text_index": 0, "pair_image_index": 0, "gen_index": 0}
@@ -75,11 +75,6 @@ def _is_fsdp(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
-
-
-def residual_blocks(lcl: nn.Module) -> list[nn.Module]:
-    """The residual blocks of both towers (what FSDP2 shards one by one)."""
-    return [block for tower in (lcl.visual, lcl.text) for block in tower.transformer.resblocks]
 
 
 def compile_wrapped(model: nn.Module, **options: Any) -> str:
